@@ -1,0 +1,1 @@
+"""Calibration and quantization of bundles, with accuracy reports."""

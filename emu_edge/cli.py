@@ -1,0 +1,60 @@
+"""The `emu-edge` command. Each verb lives in its own module and is imported only when
+asked for, so `emu-edge caption` on a device never pays for (or needs) torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module with add_arguments(parser) and run(args) -> int | None, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "data": ("emu_edge.data.cli", "write a folder of generated images and prompts"),
+    "train": ("emu_edge.training.cli", "train a model (stages 1-4 of Emu2) into a checkpoint"),
+    "eval": ("emu_edge.training.evaluate", "evaluate a checkpoint on the held-out test split"),
+    "export": ("emu_edge.export.cli", "export a checkpoint to an ONNX bundle"),
+    "export-hf": ("emu_edge.export.hf_cli", "export Hugging Face folders (LLM, vision, U-Net) to a bundle"),
+    "caption": ("emu_edge.runtime.cli", "caption an image"),
+    "ask": ("emu_edge.runtime.cli", "answer a question about an image"),
+    "chat": ("emu_edge.runtime.cli", "chat about images, interactively"),
+    "generate": ("emu_edge.runtime.cli", "generate an image from a prompt"),
+    "demo": ("emu_edge.runtime.demo", "run the demo on the shipped model"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = ["usage: emu-edge VERB [options]   (emu-edge VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"emu-edge: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = VERBS[verb]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"emu-edge {verb}", description=help_)
+    module.add_arguments(parser, verb) if _takes_verb(module.add_arguments) else module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    args.verb = verb
+    try:
+        code = module.run(args)
+    except KeyboardInterrupt:
+        return 130
+    return int(code or 0)
+
+
+def _takes_verb(fn) -> bool:
+    # Modules that serve several verbs (the runtime's) take the verb to pick their options.
+    return fn.__code__.co_argcount >= 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Export: checkpoints and Hugging Face folders to ONNX bundles; TensorRT engines."""

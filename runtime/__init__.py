@@ -1,0 +1,1 @@
+"""The lean runtime: numpy + onnxruntime (+ TensorRT when asked), never torch."""

@@ -1,0 +1,1 @@
+"""Training: the PyTorch Emu model, its stages, checkpoints and the judge."""
