@@ -1,0 +1,140 @@
+"""Training on the tiny preset: stages, checkpoints, resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emu_edge.cli import main
+from emu_edge.training.checkpoint import CheckpointError, load_checkpoint
+from emu_edge.training.config import PRESETS, get_preset
+from emu_edge.training.train import train
+
+
+def _tiny(steps: int, **overrides):
+    cfg = get_preset("tiny")
+    cfg.steps = {s: steps for s in cfg.steps}
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    step = (folder / "steps" / "latest").read_text().strip()
+    return load_file(str(folder / "steps" / step / "model.safetensors"))
+
+
+def test_unknown_preset_lists_presets(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "huge", "--out", "x"])
+    assert "huge" in str(e.value) and all(p in str(e.value) for p in PRESETS)
+
+
+def test_checkpoint_layout_and_from_pretrained(tiny_checkpoint):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    ck = tiny_checkpoint
+    for name in ("emu.json", "tokenizer.json", "projections.safetensors", "judge.onnx", "llm", "vision", "unet"):
+        assert (ck / name).exists(), name
+    # Every component loads with its own library's from_pretrained.
+    LlamaForCausalLM.from_pretrained(ck / "llm")
+    CLIPVisionModel.from_pretrained(ck / "vision")
+    UNet2DConditionModel.from_pretrained(ck / "unet")
+    # Safetensors, JSON and ONNX only: nothing that would need unpickling.
+    allowed = {".safetensors", ".json", ".onnx", ".jsonl", ".png", ""}
+    odd = [p for p in ck.rglob("*") if p.is_file() and p.suffix not in allowed and p.name != "latest"]
+    assert not odd, odd
+    meta = json.loads((ck / "emu.json").read_text())
+    assert meta["n_query"] == 4 and set(meta["special_tokens"]) >= {"[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]"}
+
+
+def test_training_lowers_the_loss(tiny_checkpoint):
+    rows = [json.loads(l) for l in (tiny_checkpoint / "metrics.jsonl").read_text().splitlines()]
+    for stage in (1, 2, 3):
+        losses = [r["loss"] for r in rows if r["stage"] == stage]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"stage {stage} did not learn"
+    assert (tiny_checkpoint / "loss.png").stat().st_size > 0
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
+    # 4 steps per stage, a step folder every 2: interrupt after 6 steps (mid stage 2, with
+    # optimizer state), resume, and finish; weights must equal an uninterrupted run's.
+    stages = ["1", "2", "3"]
+    full = train(_tiny(4, save_every=2), tmp_path / "full", stages, judge=False, progress=False)
+    part = tmp_path / "part"
+    train(_tiny(4, save_every=2), part, stages, stop_after=6, judge=False, progress=False)
+    assert (part / "steps" / "latest").read_text().strip() == "2-000002"
+    # A half-written step folder from a kill mid-save is ignored.
+    (part / "steps" / ".2-000004.tmp").mkdir()
+    train(_tiny(4, save_every=2), part, stages, resume=True, judge=False, progress=False)
+    a, b = _weights(full), _weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "empty"), "--resume", "--steps", "1"])
+
+
+def test_missing_and_corrupt_checkpoint_files_are_named(tiny_checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken, ignore=shutil.ignore_patterns("steps"))
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
+        load_checkpoint(broken)
+    (broken / "projections.safetensors").unlink()
+    shutil.copy(tiny_checkpoint / "unet" / "diffusion_pytorch_model.safetensors", weights)
+    with pytest.raises(CheckpointError, match="projections.safetensors"):
+        load_checkpoint(broken)
+    (broken / "emu.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="emu.json"):
+        load_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_SCRIPT = (
+    "import sys; from emu_edge.training.train import train; from emu_edge.training.config import get_preset;"
+    "cfg = get_preset('tiny'); cfg.steps = {s: 3 for s in cfg.steps}; cfg.save_every = 3;"
+    "cfg.batch_size = int(sys.argv[2]);"
+    "train(cfg, sys.argv[1], ['1', '2', '3'], judge=False, progress=False)"
+)
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    # 2 ranks at global batch 8 (4 each) against 1 process at batch 8, over a text stage,
+    # the diffusion stage and the joint (regression) stage.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *args: subprocess.run([*args], check=True, env=env, capture_output=True)
+    run(sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "one"), "8")
+    run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "--no-python", sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "two"), "8")
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert worst < 1e-4, worst
+    # The check has teeth: a rank that trained on its half batch alone (no gradient sync)
+    # ends far from the full-batch weights.
+    run(sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "half"), "4")
+    half = _weights(tmp_path / "half")
+    assert max(float((one[k] - half[k]).abs().max()) for k in one) > 100 * max(worst, 1e-6)

@@ -1,0 +1,210 @@
+"""Checkpoints: Hugging Face folders per component (DESIGN.md), and resumable step folders.
+
+    checkpoint/emu.json, llm/, vision/, unet/, projections.safetensors, tokenizer.json, judge.onnx
+    checkpoint/steps/<stage>-<step>/  model.safetensors, optimizer.safetensors, optimizer.json,
+                                      rng.safetensors, state.json
+    checkpoint/steps/latest           name of the last complete step folder
+
+Every file is safetensors, JSON or ONNX: nothing is unpickled. Step folders are written under
+a temporary name and renamed, and `latest` is replaced atomically, so a run killed at any
+moment resumes from the last complete step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from emu_edge.runtime.prompt import TEMPLATES, CHAT_TASKS
+from emu_edge.training.config import EmuConfig
+from emu_edge.training.batching import IMAGE_MEAN, IMAGE_STD
+
+EMU_JSON = "emu.json"
+COMPONENTS = ("llm", "vision", "unet")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dst)
+
+
+def emu_json(model, cfg: EmuConfig) -> dict:
+    return {
+        "format": "emu-edge-checkpoint",
+        "version": 1,
+        "config": cfg.to_dict(),
+        "n_query": cfg.n_query,
+        "frame_n_query": cfg.frame_n_query,
+        "image_size": cfg.image_size,
+        "image_mean": list(IMAGE_MEAN),
+        "image_std": list(IMAGE_STD),
+        "visual_dim": cfg.vision_hidden,
+        "special_tokens": model.token_ids,
+        "prompt_templates": {**TEMPLATES, "chat_tasks": list(CHAT_TASKS)},
+        "unconditional_embedding": {"kind": "zeros"},
+        "scheduler": {k: v for k, v in model.scheduler.config.items() if not k.startswith("_")},
+        "generation_defaults": {"max_new_tokens": 32, "steps": 25, "guidance": 3.0, "scheduler": "ddim"},
+    }
+
+
+def save_checkpoint(model, tokenizer, cfg: EmuConfig, out: str | Path, dtype=torch.float32) -> Path:
+    """Write the weights-only checkpoint; each component goes to a temporary folder first."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    parts = {"llm": model.llm, "vision": model.encoder.model, "unet": model.unet}
+    for name, module in parts.items():
+        module.to(dtype).save_pretrained(tmp / name)
+        module.to(torch.float32)
+    tokenizer.save(str(tmp / "llm" / "tokenizer.json"))  # so llm/ alone is a usable HF folder
+    tensors = {f"{p}.{k}": v.detach().to(dtype).contiguous()
+               for p in ("project_up", "project_down") for k, v in getattr(model, p).state_dict().items()}
+    save_file(tensors, str(tmp / "projections.safetensors"))
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    (tmp / EMU_JSON).write_text(json.dumps(emu_json(model, cfg), indent=2))
+    for name in (*COMPONENTS, "projections.safetensors", "tokenizer.json", EMU_JSON):
+        src, dst = tmp / name, out / name
+        if src.is_dir():
+            _replace_dir(src, dst)
+        else:
+            os.replace(src, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path):
+    """-> (EmuModel in fp32 eval mode, tokenizers.Tokenizer, EmuConfig). Errors name the file."""
+    from diffusers import UNet2DConditionModel
+    from tokenizers import Tokenizer
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from emu_edge.training.model import EmuModel
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    meta_file = _check(path / EMU_JSON)
+    try:
+        meta = json.loads(meta_file.read_text())
+        cfg = EmuConfig.from_dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {meta_file}: {e}") from e
+    tok_file = _check(path / "tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a bare Exception on parse errors
+        raise CheckpointError(f"corrupt checkpoint file {tok_file}: {e}") from e
+    loaded = {}
+    for name, cls in (("llm", LlamaForCausalLM), ("vision", CLIPVisionModel), ("unet", UNet2DConditionModel)):
+        folder = path / name
+        _check(folder / "config.json")
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            raise CheckpointError(f"checkpoint file missing: {folder}/*.safetensors")
+        for w in weights:  # a truncated file fails here with its name, not deep in from_pretrained
+            try:
+                load_file(str(w))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"corrupt checkpoint file {w}: {e}") from e
+        try:
+            loaded[name] = cls.from_pretrained(str(folder)).float().eval()
+        except Exception as e:
+            raise CheckpointError(f"cannot load {folder} with {cls.__name__}.from_pretrained: {e}") from e
+    proj_file = _check(path / "projections.safetensors")
+    try:
+        proj = load_file(str(proj_file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {proj_file}: {e}") from e
+    model = EmuModel(cfg, meta["special_tokens"], vision=loaded["vision"], llm=loaded["llm"], unet=loaded["unet"])
+    for p in ("project_up", "project_down"):
+        getattr(model, p).load_state_dict({k.split(".", 1)[1]: v.float() for k, v in proj.items() if k.startswith(p + ".")})
+    return model.eval(), tokenizer, cfg
+
+
+# --- resumable training state -------------------------------------------------------------
+
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, s in state["state"].items():
+        meta["state"][str(idx)] = {}
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.contiguous()
+            else:
+                meta["state"][str(idx)][k] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state = {int(i): dict(s) for i, s in meta["state"].items()}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_step(out: Path, name: str, model, optimizer, state: dict, keep: int = 2) -> Path:
+    steps = out / "steps"
+    steps.mkdir(parents=True, exist_ok=True)
+    tmp = steps / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    final = steps / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    pointer = steps / ".latest.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, steps / "latest")
+    done = sorted(p for p in steps.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for old in done[:-keep]:  # names sort by stage, then zero-padded step
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_step(out: Path) -> Path | None:
+    pointer = out / "steps" / "latest"
+    if not pointer.exists():
+        return None
+    folder = out / "steps" / pointer.read_text().strip()
+    if not (folder / "state.json").exists():
+        raise CheckpointError(f"{pointer} names {folder}, which is incomplete or missing")
+    return folder
+
+
+def load_step(folder: Path, model, optimizer=None) -> dict:
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    if optimizer is not None:
+        meta = json.loads((folder / "optimizer.json").read_text())
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), meta))
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+    return json.loads((folder / "state.json").read_text())

@@ -1,0 +1,96 @@
+"""Model and training configuration: one dataclass, named presets (gpt-fast style)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EmuConfig:
+    preset: str = "custom"
+    image_size: int = 32
+    # Vision encoder (transformers CLIPVisionModel); the patch grid is mean-pooled to
+    # n_query embeddings per image, and coarser (frame_n_query) per video frame.
+    patch_size: int = 4
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_intermediate: int = 256
+    n_query: int = 64
+    frame_n_query: int = 4
+    # Decoder (transformers LlamaForCausalLM).
+    vocab_size: int = 512
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+    max_length: int = 512
+    # Visual decoder (diffusers UNet2DConditionModel, pixel space).
+    unet_channels: tuple[int, ...] = (32, 64, 64, 64)
+    unet_attn_levels: int = 2  # cross-attention at the lowest-resolution levels only
+    unet_layers_per_block: int = 1
+    unet_head_dim: int = 8
+    unet_norm_groups: int = 8
+    train_timesteps: int = 1000
+    cfg_drop: float = 0.1
+    # Training (per stage; --steps on the command line overrides `steps`).
+    batch_size: int = 32
+    steps: dict[str, int] = field(default_factory=lambda: {"1": 500, "2": 1200, "3": 600, "4": 900})
+    lr: dict[str, float] = field(default_factory=lambda: {"1": 2e-3, "2": 2e-3, "3": 1e-3, "4": 1e-3})
+    warmup: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    regress_weight: float = 1.0
+    save_every: int = 100
+    seed: int = 0
+
+    @property
+    def patch_grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def validate(self) -> "EmuConfig":
+        for name, n in (("n_query", self.n_query), ("frame_n_query", self.frame_n_query)):
+            side = round(n ** 0.5)
+            if side * side != n or self.patch_grid % side:
+                raise ValueError(f"{name}={n} must be a square whose side divides the patch grid {self.patch_grid}")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden must divide by heads, and heads by kv_heads")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EmuConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "unet_channels" in d:
+            d["unet_channels"] = tuple(d["unet_channels"])
+        return cls(**d).validate()
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+PRESETS: dict[str, EmuConfig] = {
+    # Trains a few steps in seconds: for tests.
+    "tiny": EmuConfig(
+        preset="tiny", image_size=16, patch_size=4, vision_hidden=32, vision_layers=1,
+        vision_heads=2, vision_intermediate=64, n_query=4, frame_n_query=1,
+        vocab_size=320, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_length=256,
+        unet_channels=(16, 32), unet_attn_levels=1, unet_head_dim=8, unet_norm_groups=8, batch_size=8,
+        steps={"1": 20, "2": 20, "3": 20, "4": 20}, warmup=5, save_every=10,
+    ),
+    # The shipped default.
+    "small": EmuConfig(preset="small"),
+}
+
+
+def get_preset(name: str) -> EmuConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]).validate()

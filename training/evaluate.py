@@ -1,0 +1,138 @@
+"""`emu-edge eval CHECKPOINT`: the held-out test split, scored deterministically.
+
+Text tasks are exact matches of greedy answers. Generated images are scored by the
+checkpoint's judge.onnx (torch-free), which also gives the shuffled-prompt baseline: what a
+generator ignoring its prompt would score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emu_edge import data
+from emu_edge.runtime.judge import Judge
+from emu_edge.runtime.prompt import PromptBuilder
+from emu_edge.training import generate as gen
+from emu_edge.training.checkpoint import CheckpointError, load_checkpoint
+from emu_edge.training.tokenizer import encode_text_fn
+
+# Test-split sizes per metric (the tiny preset scales them down).
+SIZES = {"captioning": 200, "vqa": 200, "digits": 181, "video": 100, "fewshot": 100, "chat": 100,
+         "text_to_image": 64, "subject": 48, "judge": 400, "autoencode": 32}
+
+
+def _split_answer(sample):
+    """(segments before the last answer, the last answer)."""
+    segs = [(s.kind, s.value) for s in sample.segments]
+    last = max(i for i, (k, _) in enumerate(segs) if k == "answer")
+    return segs[:last], segs[last][1]
+
+
+def _one_object(samples, n):
+    picked = [s for s in samples if len(s.meta["scene"].objects) == 1]
+    return picked[:n]
+
+
+def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int = 25, guidance: float = 3.0) -> dict:
+    torch.manual_seed(0)
+    model, tokenizer, cfg = load_checkpoint(path)
+    judge_file = Path(path) / "judge.onnx"
+    if not judge_file.exists():
+        raise CheckpointError(f"checkpoint file missing: {judge_file}")
+    judge = Judge(judge_file)
+    builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
+    n = {k: max(4, int(v * scale)) for k, v in SIZES.items()}
+    size = cfg.image_size
+    results: dict[str, float | int] = {}
+
+    def text_accuracy(task: str, samples, correct=lambda got, want: got == want) -> float:
+        hits = 0
+        for s in samples:
+            prompt, want = _split_answer(s)
+            hits += correct(gen.greedy_text(model, tokenizer, builder, s.task, prompt), want)
+        log(f"  {task}: {hits}/{len(samples)}")
+        return hits / len(samples)
+
+    log("text tasks")
+    results["caption_accuracy"] = text_accuracy("captioning", data.captioning("test", n["captioning"], size=size))
+    results["vqa_accuracy"] = text_accuracy("vqa", data.vqa("test", n["vqa"], size=size))
+    # A digit counts when the caption names the right digit (its last word).
+    results["digit_accuracy"] = text_accuracy(
+        "digits", data.digits("test", n["digits"], size=size),
+        correct=lambda got, want: got.split()[-1:] == want.split()[-1:])
+    results["video_accuracy"] = text_accuracy("video", data.video("test", n["video"], size=size))
+    results["fewshot_accuracy"] = text_accuracy("fewshot", data.fewshot("test", n["fewshot"], size=size))
+    # Chat: every turn is scored, with the true earlier turns as its history.
+    turns = []
+    for s in data.chat("test", n["chat"], size=size):
+        for i, seg in enumerate(s.segments):
+            if seg.kind == "answer":
+                turns.append(data.Sample(s.task, s.segments[: i + 1], s.meta))
+    results["chat_accuracy"] = text_accuracy("chat", turns)
+
+    log("images")
+    sample_kw = dict(steps=steps, guidance=guidance, seed=0, scheduler="ddim")
+    t2i = _one_object(data.text_to_image("test", 4 * n["text_to_image"], size=size), n["text_to_image"])
+    cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
+                                                               if k.kind == "text"]) for s in t2i])
+    images = gen.sample_images(model, cond, **sample_kw)
+    verdict = judge(images)
+    want = [(s.meta["colour"], s.meta["shape"]) for s in t2i]
+    got = list(zip(verdict["colour"], verdict["shape"]))
+    results["t2i_attribute_accuracy"] = float(np.mean([g == w for g, w in zip(got, want)]))
+    perm = np.random.default_rng(0).permutation(len(want))
+    results["t2i_shuffled_baseline"] = float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
+    log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} (shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
+
+    subj = data.subject("test", n["subject"], size=size)
+    cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
+                                                               if k.kind != "target_image"]) for s in subj])
+    verdict = judge(gen.sample_images(model, cond, **sample_kw))
+    results["subject_accuracy"] = float(np.mean([
+        (c, sh) == (s.meta["target"]["colour"], s.meta["target"]["shape"])
+        for c, sh, s in zip(verdict["colour"], verdict["shape"], subj)]))
+    log(f"  subject-driven: {results['subject_accuracy']:.3f}")
+
+    # The judge on held-out ground truth: one-object renders and test digits.
+    truth = _one_object(data.text_to_image("test", 4 * n["judge"], size=size), n["judge"] // 2)
+    digits = data.digits("test", n["judge"] // 2, size=size)
+    v_obj = judge(np.stack([s.segments[-1].value for s in truth]))
+    v_dig = judge(np.stack([s.segments[0].value for s in digits]))
+    hits = [(c, sh) == (s.meta["colour"], s.meta["shape"]) for c, sh, s in zip(v_obj["colour"], v_obj["shape"], truth)]
+    hits += [d == data.DIGIT_WORDS[s.meta["digit"]] for d, s in zip(v_dig["digit"], digits)]
+    results["judge_accuracy"] = float(np.mean(hits))
+
+    originals = np.stack([s.segments[0].value for s in
+                          _one_object(data.captioning("test", 4 * n["autoencode"], size=size), n["autoencode"])])
+    recon = gen.autoencode(model, originals, **sample_kw)
+    results["autoencode_similarity"] = float(np.mean(Judge.cosine(judge(originals)["features"], judge(recon)["features"])))
+    log(f"  autoencode similarity: {results['autoencode_similarity']:.3f}; judge: {results['judge_accuracy']:.3f}")
+
+    out = {k: round(v, 4) for k, v in results.items()}
+    out["samples"] = {k: v for k, v in n.items()}
+    out["generation"] = sample_kw | {"guidance": guidance}
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder (emu.json, llm/, vision/, unet/, ...)")
+    parser.add_argument("--json", help="write the metrics to this file")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default test-set sizes")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        metrics = evaluate(args.checkpoint, scale=args.scale, log=lambda *a: print(*a, file=sys.stderr))
+    except CheckpointError as e:
+        raise SystemExit(f"emu-edge eval: {e}")
+    text = json.dumps(metrics, indent=2) + "\n"
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text, end="")
+    return 0

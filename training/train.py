@@ -1,0 +1,320 @@
+"""The training loop: Emu2's stages at small scale, resumable, DDP-ready.
+
+Stage 1  captioning: encoder, project_up and decoder learn; text loss.
+Stage 2  visual decoder: the U-Net alone, an autoencoder over the frozen encoder's
+         embeddings; diffusion loss, condition dropped 10% of the time (for CFG).
+Stage 3  joint: text cross-entropy + L2 regression of visual embeddings (text-to-image
+         and subject-driven pairs); encoder frozen.
+Stage 4  instruction tuning ([USER]: ... [ASSISTANT]: ..., loss on answers only) on VQA,
+         chat, few-shot and video, replaying stage 3's tasks so they are not forgotten.
+
+Every batch is a pure function of (seed, stage, step): the data position and all noise
+follow from the step counter, so resuming, and sharding one global batch across DDP ranks,
+reproduce the uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from emu_edge import data
+from emu_edge.runtime.prompt import PromptBuilder
+from emu_edge.training import checkpoint as ckpt
+from emu_edge.training.batching import collate, image_of, to_pixels, visual_sequence
+from emu_edge.training.config import EmuConfig
+from emu_edge.training.model import EmuModel
+from emu_edge.training.tokenizer import encode_text_fn, special_token_ids, train_tokenizer
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    tasks: dict[str, float]
+    trainable: tuple[str, ...]
+    kind: str  # "text" or "diffusion"
+
+
+STAGES: dict[str, Stage] = {
+    "1": Stage("captioning", {"captioning": 0.75, "digits": 0.25}, ("encoder", "project_up", "llm"), "text"),
+    "2": Stage("visual decoder", {"captioning": 0.4, "text_to_image": 0.3, "digits": 0.2, "subject": 0.1},
+               ("unet",), "diffusion"),
+    "3": Stage("joint", {"text_to_image": 0.4, "subject": 0.2, "captioning": 0.25, "digits": 0.15},
+               ("llm", "project_up", "project_down"), "text"),
+    "4": Stage("instruction", {"vqa": 0.25, "chat": 0.15, "fewshot": 0.12, "video": 0.13, "captioning": 0.1,
+                               "digits": 0.05, "text_to_image": 0.14, "subject": 0.06},
+               ("llm", "project_up", "project_down"), "text"),
+}
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine down to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class StageLoss(nn.Module):
+    """One module whose forward is a stage's loss, so DDP can wrap it."""
+
+    def __init__(self, model: EmuModel, stage: Stage):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def forward(self, batch, counts: tuple[int, int]):
+        if self.stage.kind == "diffusion":
+            return self._diffusion(*batch, n_global=counts[0])
+        return self._text(batch, counts)
+
+    def _visuals(self, batch):
+        m, cfg = self.model, self.model.cfg
+        with torch.set_grad_enabled("encoder" in self.stage.trainable):
+            img = m.encoder(batch.images, cfg.n_query) if batch.images is not None else None
+            frm = m.encoder(batch.frames, cfg.frame_n_query) if batch.frames is not None else None
+        return visual_sequence(batch, img, frm)
+
+    def _text(self, batch, counts):
+        m = self.model
+        n_tokens, n_regress = counts
+        visual = self._visuals(batch)
+        embeds = m.embed(batch.input_ids, visual)
+        logits, regressed, _ = m.decode(embeds, attention_mask=batch.attention_mask)
+        # Sums over the local shard, normalised by the GLOBAL counts: summed over ranks this
+        # is exactly the single-process loss (DDP then averages, hence the world factor).
+        ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="sum")
+        ce = ce / max(n_tokens, 1)
+        l2 = logits.new_zeros(())
+        if batch.regress.any():
+            full = torch.zeros(*batch.input_ids.shape, visual.shape[-1])
+            full[batch.input_ids == m.token_ids["<image>"]] = visual.detach()
+            where = batch.regress[:, :-1]
+            pred, target = regressed[:, :-1][where], full[:, 1:][where]
+            l2 = ((pred - target) ** 2).sum() / (max(n_regress, 1) * visual.shape[-1])
+        loss = ce + m.cfg.regress_weight * l2
+        return loss, {"ce": ce.detach(), "l2": l2.detach()}
+
+    def _diffusion(self, images, noise, timesteps, drop, n_global):
+        m = self.model
+        with torch.no_grad():
+            cond = m.encoder(images, m.cfg.n_query)
+        # This shard's share of the global mean, as for the text loss.
+        loss = m.diffusion_loss(images, cond, noise, timesteps, drop) * (len(images) / n_global)
+        return loss, {"mse": loss.detach()}
+
+
+def global_samples(cfg: EmuConfig, stage_id: str, step: int):
+    stage = STAGES[stage_id]
+    first = step * cfg.batch_size
+    seed = cfg.seed * 10 + int(stage_id)
+    return [data.mixture(stage.tasks, "train", first + i, seed=seed, size=cfg.image_size)
+            for i in range(cfg.batch_size)]
+
+
+def make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model):
+    """This rank's shard of the global batch for (stage, step), and the global counts."""
+    samples = global_samples(cfg, stage_id, step)
+    if STAGES[stage_id].kind == "diffusion":
+        images = to_pixels(np.stack([image_of(s) for s in samples]))
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + int(stage_id)) * 1_000_003 + step)
+        noise = torch.randn(images.shape, generator=g)
+        timesteps = torch.randint(0, cfg.train_timesteps, (len(samples),), generator=g)
+        drop = torch.rand(len(samples), generator=g) < cfg.cfg_drop
+        shard = slice(rank, None, world)
+        return (images[shard], noise[shard], timesteps[shard], drop[shard]), (len(samples), 0)
+    full = collate(samples, builder, pad_id)
+    counts = (int((full.targets != -100).sum()), int(full.regress.sum()))
+    return collate(samples[rank::world], builder, pad_id), counts
+
+
+def set_trainable(model: EmuModel, names: tuple[str, ...]) -> list[nn.Parameter]:
+    model.requires_grad_(False)
+    params = []
+    for name in names:
+        module = getattr(model, name)
+        module.requires_grad_(True)
+        params += list(module.parameters())
+    return params
+
+
+def init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def prepare(cfg: EmuConfig, out: Path, resume: bool, log):
+    """Tokenizer and model: fresh, or the run's own when resuming."""
+    from tokenizers import Tokenizer
+
+    tok_file = out / "tokenizer.json"
+    if resume:
+        if not tok_file.exists() or ckpt.latest_step(out) is None:
+            raise ckpt.CheckpointError(f"--resume: nothing to resume in {out} (no steps/latest); "
+                                       "start without --resume")
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    else:
+        tokenizer = train_tokenizer(data.corpus(), cfg.vocab_size)
+    token_ids = special_token_ids(tokenizer)
+    cfg.vocab_size = tokenizer.get_vocab_size()
+    torch.manual_seed(cfg.seed)
+    model = EmuModel(cfg, token_ids)
+    log(f"model: vision {_count(model.encoder)/1e6:.2f}M, decoder {_count(model.llm)/1e6:.2f}M, "
+        f"U-Net {_count(model.unet)/1e6:.2f}M parameters; vocab {cfg.vocab_size}")
+    return model, tokenizer
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = False,
+          stop_after: int | None = None, judge: bool = True, progress: bool = True) -> Path:
+    """Run `stages` in order into `out`. stop_after: end (as if killed) after that many
+    optimizer steps in this call; the tests use it to interrupt a run and resume it."""
+    out = Path(out)
+    rank, world = init_distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} must divide by the {world} ranks")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = prepare(cfg, out, resume, log)
+    if rank == 0 and not resume:
+        tokenizer.save(str(out / "tokenizer.json"))
+        (out / "train_config.json").write_text(cfg.dumps())
+    builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
+    pad_id = model.token_ids["<pad>"]
+
+    start_stage, start_step = stages[0], 0
+    resume_folder = ckpt.latest_step(out) if resume else None
+    if resume_folder is not None:
+        state = json.loads((resume_folder / "state.json").read_text())
+        start_stage, start_step = state["stage"], state["step"]
+        if state.get("stage_done"):
+            later = [s for s in stages if int(s) > int(start_stage)]
+            if not later:
+                log(f"--resume: {out} already finished stages {','.join(stages)}")
+                ckpt.load_step(resume_folder, model)
+                return _finish(model, tokenizer, cfg, out, rank, judge)
+            start_stage, start_step = later[0], 0
+    todo = [s for s in stages if int(s) >= int(start_stage)]
+
+    metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
+    steps_run = 0
+    for stage_id in todo:
+        stage = STAGES[stage_id]
+        total = cfg.steps[stage_id]
+        params = set_trainable(model, stage.trainable)
+        model.train()
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr[stage_id], weight_decay=cfg.weight_decay)
+        first = 0
+        if resume_folder is not None:
+            st = ckpt.load_step(resume_folder, model, optimizer if stage_id == start_stage and start_step else None)
+            first = start_step if stage_id == start_stage else 0
+            resume_folder = None
+            log(f"resumed from {out / 'steps'} at stage {stage_id}, step {first}")
+        loss_module = StageLoss(model, stage)
+        runner = loss_module
+        if world > 1:
+            runner = nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=True)
+        bar = _bar(range(first, total), f"stage {stage_id} ({stage.name})", progress and rank == 0, first, total)
+        for step in bar:
+            lr = lr_at(step, total, cfg.lr[stage_id], cfg.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch, counts = make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model)
+            t0 = time.perf_counter()
+            loss, parts = runner(batch, counts)
+            optimizer.zero_grad(set_to_none=True)
+            (loss * world).backward()  # DDP averages gradients; the loss is already a global mean share
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            steps_run += 1
+            total_loss = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(total_loss)
+            record = {"stage": int(stage_id), "step": step + 1, "loss": float(total_loss),
+                      "lr": lr, "grad_norm": float(grad_norm), "seconds": round(time.perf_counter() - t0, 4),
+                      **{k: float(v) for k, v in parts.items()}}
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            done = step + 1 == total
+            if rank == 0 and (done or (step + 1) % cfg.save_every == 0):
+                ckpt.save_step(out, f"{stage_id}-{step + 1:06d}", model, optimizer,
+                               {"stage": stage_id, "step": step + 1, "stage_done": done, "stages": stages})
+            if world > 1:
+                dist.barrier()
+            if stop_after is not None and steps_run >= stop_after:
+                log(f"stopping after {steps_run} steps (stop_after)")
+                return out
+        if rank == 0:
+            plot_losses(out)
+    result = _finish(model, tokenizer, cfg, out, rank, judge)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _finish(model, tokenizer, cfg, out, rank, judge) -> Path:
+    if rank == 0:
+        ckpt.save_checkpoint(model, tokenizer, cfg, out)
+        if judge and not (out / "judge.onnx").exists():
+            from emu_edge.training.judge import train_judge
+
+            train_judge(cfg, out / "judge.onnx")
+        plot_losses(out)
+    return out
+
+
+def _bar(iterable, desc, enabled, first, total):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, initial=first, total=total, dynamic_ncols=True)
+
+
+def plot_losses(out: Path) -> Path | None:
+    """loss.png beside metrics.jsonl: one panel per stage."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_stage: dict[int, list] = {}
+    for r in rows:
+        by_stage.setdefault(r["stage"], []).append(r)
+    fig, axes = plt.subplots(1, len(by_stage), figsize=(4 * len(by_stage), 3), squeeze=False)
+    for ax, (stage, rs) in zip(axes[0], sorted(by_stage.items())):
+        # A resumed run logs some steps twice; the latest record wins.
+        last = {r["step"]: r for r in rs}
+        steps = sorted(last)
+        ax.plot(steps, [last[s]["loss"] for s in steps], lw=0.8)
+        ax.set_title(f"stage {stage}: {STAGES[str(stage)].name}")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+    return out / "loss.png"
