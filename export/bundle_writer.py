@@ -1,0 +1,190 @@
+"""Writes a bundle folder: graphs, tokenizer.json and manifest.json.
+
+Everything goes into a hidden sibling folder first and is renamed into place by
+`finish()`, so a failed export leaves no half bundle behind. Each graph is checked
+(onnx.checker with full shape inference) and described in the manifest from the saved
+file itself: hash, I/O, operator domains, IR/opset and the oldest onnxruntime that runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from emu_edge.runtime.manifest import (MANIFEST_FILE, SCHEMA_VERSION, GraphSpec, IOSpec, Manifest,
+                                       ModelSpec)
+
+TWO_GB = 2 * 1024**3
+BASE_ONNXRUNTIME = "1.16"
+# First onnxruntime release that reads each ONNX IR version / default-domain opset.
+_ORT_FOR_IR = {9: "1.16", 10: "1.18"}
+_ORT_FOR_OPSET = {19: "1.16", 20: "1.17", 21: "1.18"}
+# Contrib operators and the first release whose CPU kernel does what our graphs ask of
+# them. GroupQueryAttention (float, packed QKV, do_rotary with cos/sin caches) loads from
+# 1.18, but 1.18 and 1.19 compute a multi-token continuation on a non-empty cache wrongly
+# (checked against PyTorch: 6e-3 logit error, no error raised); 1.20 gets it right.
+MIN_ONNXRUNTIME_FOR_OPS = {
+    ("com.microsoft", "GroupQueryAttention"): "1.20",
+    # 4-bit weights: onnxruntime 1.16.3 refuses the op, 1.17.3 runs it.
+    ("com.microsoft", "MatMulNBits"): "1.17",
+}
+
+
+class BundleWriteError(RuntimeError):
+    pass
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:3])
+
+
+def min_onnxruntime_for(model: onnx.ModelProto) -> str:
+    """The oldest onnxruntime that loads and runs this graph as intended."""
+    needed = [BASE_ONNXRUNTIME]
+    opset = _default_opset(model)
+    if model.ir_version > max(_ORT_FOR_IR) or opset > max(_ORT_FOR_OPSET):
+        raise BundleWriteError(
+            f"graph {model.graph.name!r} has IR version {model.ir_version} and opset {opset}; bundles "
+            f"target IR <= {max(_ORT_FOR_IR)} and opset <= {max(_ORT_FOR_OPSET)} so that the onnxruntime "
+            "on the devices can read them (set model.ir_version and the opset explicitly)")
+    needed.append(_ORT_FOR_IR.get(model.ir_version, BASE_ONNXRUNTIME))
+    needed.append(_ORT_FOR_OPSET.get(opset, BASE_ONNXRUNTIME))
+    for node in model.graph.node:
+        version = MIN_ONNXRUNTIME_FOR_OPS.get((node.domain, node.op_type))
+        if version:
+            needed.append(version)
+        elif node.domain not in ("", "ai.onnx"):
+            raise BundleWriteError(
+                f"graph {model.graph.name!r} uses {node.domain}.{node.op_type}, whose minimum onnxruntime "
+                "version is not recorded; add it to MIN_ONNXRUNTIME_FOR_OPS")
+    return max(needed, key=_version_key)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _io_specs(values) -> list[IOSpec]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        shape = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
+                 for d in t.shape.dim]
+        specs.append(IOSpec(name=v.name, dtype=dtype, shape=shape))
+    return specs
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+class BundleWriter:
+    """with BundleWriter(out) as writer: writer.add_graph(...); writer.write_tokenizer(...);
+    writer.finish(model_spec). Leaving the block without finish() removes the temp folder."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False, external_data_threshold: int = TWO_GB,
+                 log=print):
+        self.out = Path(out).resolve()
+        if self.out.exists() and not overwrite:
+            raise BundleWriteError(f"{self.out} already exists; choose another --out or pass --overwrite")
+        if self.out.exists() and not self.out.is_dir():
+            raise BundleWriteError(f"{self.out} exists and is not a folder")
+        self.overwrite = overwrite
+        self.external_data_threshold = external_data_threshold
+        self.log = log
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        self.graphs: dict[str, GraphSpec] = {}
+        self.tokenizer_file: str | None = None
+        self.finished = False
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.finished:
+            self.abort()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add_graph(self, name: str, model: onnx.ModelProto, precision: str = "fp32",
+                  profiles: dict | None = None, dynamic_axes: dict | None = None,
+                  extra: dict | None = None) -> GraphSpec:
+        if name in self.graphs:
+            raise BundleWriteError(f"graph {name!r} was already added")
+        file = f"{name}.onnx"
+        path = self.tmp / file
+        min_ort = min_onnxruntime_for(model)
+        external = []
+        if _initializer_bytes(model) > self.external_data_threshold:
+            data_file = f"{file}.data"
+            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_file, size_threshold=1024)
+            external.append({"file": data_file, "sha256": sha256_file(self.tmp / data_file)})
+        else:
+            onnx.save_model(model, path)
+        # The path form also covers external data; full_check runs strict shape inference.
+        onnx.checker.check_model(str(path), full_check=True)
+        domains = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+        if dynamic_axes is None:
+            dynamic_axes = {}
+            for v in list(model.graph.input) + list(model.graph.output):
+                axes = {i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
+                if axes:
+                    dynamic_axes[v.name] = axes
+        spec = GraphSpec(
+            file=file, sha256=sha256_file(path), precision=precision,
+            inputs=_io_specs(model.graph.input), outputs=_io_specs(model.graph.output),
+            ir_version=model.ir_version, opset=_default_opset(model), domains=domains,
+            min_onnxruntime=min_ort, dynamic_axes=dynamic_axes, profiles=profiles or {},
+            external_data=external, extra=extra or {},
+        )
+        self.graphs[name] = spec
+        size = path.stat().st_size + sum((self.tmp / e["file"]).stat().st_size for e in external)
+        self.log(f"  {file}: {size / 1e6:.1f} MB, {precision}, onnxruntime >= {min_ort}")
+        return spec
+
+    def write_tokenizer(self, source) -> None:
+        """Copy a tokenizer.json, or save a `tokenizers.Tokenizer`."""
+        target = self.tmp / "tokenizer.json"
+        if isinstance(source, (str, Path)):
+            shutil.copyfile(source, target)
+        else:
+            source.save(str(target))
+        self.tokenizer_file = "tokenizer.json"
+
+    def finish(self, model: ModelSpec) -> Path:
+        if self.tokenizer_file is None:
+            raise BundleWriteError("no tokenizer was written; call write_tokenizer() before finish()")
+        manifest = Manifest(schema_version=SCHEMA_VERSION, graphs=dict(self.graphs), model=model,
+                            tokenizer=self.tokenizer_file)
+        # Round-trip through the loader so a bundle the runtime would refuse is never written.
+        manifest = Manifest.from_dict(manifest.to_dict(), MANIFEST_FILE)
+        manifest.save(self.tmp / MANIFEST_FILE)
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            self.out.rename(old)
+            self.tmp.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.out)
+        self.finished = True
+        return self.out

@@ -1,0 +1,438 @@
+"""The decoder graph, built op by op from a Llama state dict.
+
+One builder, two attention variants behind one contract (DESIGN.md, "The decoder's
+KV-cache contract"):
+
+    inputs   inputs_embeds             float32 [batch, sequence, hidden]
+             past_key_values.{i}.key   float32 [batch, kv_heads, max_length, head_dim]
+             past_key_values.{i}.value (same; allocated once by the runtime)
+             seqlens_k                 int32   [batch]  tokens in each row AFTER this call, - 1
+             total_sequence_length     int32   []       max over rows of seqlens_k + 1
+    outputs  logits                    float32 [batch, vocab]       last position of each row
+             regressed                 float32 [batch, visual_dim]  (with project_down)
+             present.{i}.key / .value  the past buffers, written in place
+
+The lengths follow onnxruntime's GroupQueryAttention: each row of the cache holds its
+tokens from position 0 with no padding inside (a "ragged" batch), so row b's new tokens
+land at positions past_b .. past_b + S - 1, where past_b = max(0, seqlens_k[b] + 1 - S),
+and their rotary positions are the same numbers. A first prompt of several rows of
+different lengths is right-padded in `inputs_embeds`; seqlens_k says where each row ends
+and the logits are taken there. The lengths are the attention mask, so no mask input is
+needed, and a batched prompt sees exactly the positions it would see alone.
+
+- "gqa": com.microsoft GroupQueryAttention with rotary inside (cos/sin caches as
+  initializers) and packed QKV. Bind the same OrtValue to past_key_values.{i}.* and
+  present.{i}.*: the kernel then writes only the new rows (past_present_share_buffer).
+  Its CPU kernel needs head_dim % 16 == 0.
+- "standard": standard ONNX ops only, for TensorRT and as the fallback. ScatterND writes
+  the new K/V rows into the buffer; onnxruntime's ScatterND skips its full copy when its
+  output and input are the same buffer, so with the same binding the write is O(new
+  tokens). Attention then reads the first total_sequence_length rows through a Slice,
+  which onnxruntime materialises: the step costs a copy of the live K/V on top of reading
+  it (O(context), never O(max_length)). Masked positions get a probability of exactly 0,
+  so the buffers must hold finite values where a row has not written yet: the runtime
+  zero-fills them once when it allocates them.
+
+Both variants run on onnxruntime's CPU provider as checked against PyTorch: "standard"
+from onnxruntime 1.16, "gqa" from 1.20 (see bundle_writer.MIN_ONNXRUNTIME_FOR_OPS).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# onnxruntime on JetPack and the oldest one we promise (1.16) read IR 9 / opset 19.
+IR_VERSION = 9
+OPSET = 19
+MS_DOMAIN = "com.microsoft"
+ATTENTION_VARIANTS = ("gqa", "standard")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+class DecoderExportError(ValueError):
+    """The model cannot be built into the decoder graph (unsupported setting)."""
+
+
+# ---------------------------------------------------------------------------------------
+# A small graph builder: names, constants and initializers without the boilerplate.
+
+
+class GraphBuilder:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._counter = 0
+        self._constants: dict[tuple, str] = {}
+
+    def _fresh(self, hint: str) -> str:
+        self._counter += 1
+        return f"{hint}_{self._counter}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, name: str | None = None,
+           domain: str = "", **attrs) -> str | list[str]:
+        node_name = name or self._fresh(op_type)
+        if isinstance(outputs, int):
+            out_names = [f"{node_name}/out{i}" for i in range(outputs)]
+        else:
+            out_names = list(outputs)
+        self.nodes.append(helper.make_node(op_type, list(inputs), out_names, name=node_name,
+                                           domain=domain or None, **attrs))
+        return out_names[0] if len(out_names) == 1 else out_names
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        # np.ascontiguousarray would turn a 0-d array into shape [1]
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = self.initializer(self._fresh("const"), array)
+        return self._constants[key]
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, name: str, elem_type: int, shape: list) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def model(self, uses_ms_domain: bool = False, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if uses_ms_domain:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="emu-edge", doc_string=doc)
+        # onnx 1.23 stamps IR 14, which the onnxruntime versions we target refuse to load.
+        model.ir_version = IR_VERSION
+        return model
+
+    # -- composite helpers used by both graphs ---------------------------------------------
+
+    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
+        """y = x @ W.T + b with W [out, in] as stored by torch.nn.Linear."""
+        w = self.initializer(f"{name}.weight_t", np.ascontiguousarray(weight.T.astype(np.float32)))
+        y = self.op("MatMul", x, w, name=f"{name}/MatMul")
+        if bias is not None:
+            b = self.initializer(f"{name}.bias", bias.astype(np.float32))
+            y = self.op("Add", y, b, name=f"{name}/Add")
+        return y
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+        # The Pow/ReduceMean/Add/Sqrt/Div/Mul chain is the pattern onnxruntime fuses into
+        # SimplifiedLayerNormalization; it equals LlamaRMSNorm in float32.
+        sq = self.op("Pow", x, self.const(2.0, np.float32), name=f"{name}/Pow")
+        var = self.op("ReduceMean", sq, self.const([-1]), keepdims=1, name=f"{name}/ReduceMean")
+        std = self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32), name=f"{name}/Add"),
+                      name=f"{name}/Sqrt")
+        normed = self.op("Div", x, std, name=f"{name}/Div")
+        w = self.initializer(f"{name}.weight", weight.astype(np.float32))
+        return self.op("Mul", normed, w, name=f"{name}/Mul")
+
+
+# ---------------------------------------------------------------------------------------
+# Model settings read from a transformers LlamaConfig.
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def decoder_dims(config) -> DecoderDims:
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise DecoderExportError(f"hidden_act {act!r} is not supported; Llama-family decoders use 'silu'")
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    if num_heads % num_kv_heads:
+        raise DecoderExportError(
+            f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    if head_dim % 2:
+        raise DecoderExportError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+    return DecoderDims(
+        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size, rms_norm_eps=float(config.rms_norm_eps),
+    )
+
+
+def rope_parameters(config) -> dict:
+    """The rotary settings as a plain dict, from transformers 5's `rope_parameters` (or the
+    `rope_theta` / `rope_scaling` attributes of older configs)."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params = dict(params)
+    params.setdefault("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise DecoderExportError("partial_rotary_factor != 1 is not supported")
+    if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
+        raise DecoderExportError(
+            f"rope_type {params['rope_type']!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    return params
+
+
+def rope_inv_freq(params: dict, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2], computed in float32 as transformers does."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(params["rope_theta"]) ** exponents)).astype(np.float32)
+    if params["rope_type"] == "llama3":
+        # Llama 3.1's frequency-dependent scaling: long wavelengths are slowed by `factor`,
+        # short ones kept, and the band in between interpolated smoothly.
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(params: dict, head_dim: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_length, head_dim / 2] for positions 0 .. max_length - 1."""
+    inv_freq = rope_inv_freq(params, head_dim)
+    freqs = np.arange(max_length, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def resolve_attention(attention: str, head_dim: int) -> str:
+    """"auto" picks GroupQueryAttention where its CPU kernel runs (head_dim % 16 == 0)."""
+    if attention == "auto":
+        return "gqa" if head_dim % 16 == 0 else "standard"
+    if attention not in ATTENTION_VARIANTS:
+        raise DecoderExportError(f"attention must be 'auto', 'gqa' or 'standard', got {attention!r}")
+    if attention == "gqa" and head_dim % 16:
+        raise DecoderExportError(
+            f"attention='gqa' needs head_dim % 16 == 0 (onnxruntime's GroupQueryAttention with "
+            f"rotary); head_dim is {head_dim}: use attention='standard' or 'auto'")
+    return attention
+
+
+# ---------------------------------------------------------------------------------------
+# The graph.
+
+
+def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_length: int,
+                  project_down: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The KV-cached decoder graph of a LlamaForCausalLM state dict (HF names, numpy)."""
+    dims = decoder_dims(config)
+    attention = resolve_attention(attention, dims.head_dim)
+    if max_length < 1:
+        raise DecoderExportError(f"max_length must be >= 1, got {max_length}")
+    params = rope_parameters(config)
+    cos_table, sin_table = rope_tables(params, dims.head_dim, max_length)
+    w = _WeightReader(weights)
+
+    g = GraphBuilder("decoder")
+    x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence", dims.hidden_size])
+    pasts = []
+    for i in range(dims.num_layers):
+        kv_shape = ["batch", dims.num_kv_heads, "max_length", dims.head_dim]
+        pasts.append((g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, kv_shape),
+                      g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, kv_shape)))
+    seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch"])
+    total_len = g.input("total_sequence_length", TensorProto.INT32, [])
+    cos = g.initializer("rope.cos", cos_table)
+    sin = g.initializer("rope.sin", sin_table)
+
+    lengths = _Lengths(g, x, seqlens_k, total_len, dims)
+    if attention == "standard":
+        lengths.add_positions(cos, sin)
+
+    for i in range(dims.num_layers):
+        p = f"model.layers.{i}"
+        h = g.rms_norm(x, w[f"{p}.input_layernorm.weight"], dims.rms_norm_eps, f"layers.{i}.input_norm")
+        qkv_w = np.concatenate([w[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
+        qkv_b = None
+        if f"{p}.self_attn.q_proj.bias" in weights:
+            qkv_b = np.concatenate([w[f"{p}.self_attn.{n}_proj.bias"] for n in "qkv"], axis=0)
+        qkv = g.linear(h, qkv_w, qkv_b, f"layers.{i}.qkv")
+        present = (f"present.{i}.key", f"present.{i}.value")
+        if attention == "gqa":
+            attn = _gqa_attention(g, qkv, pasts[i], present, seqlens_k, total_len, cos, sin, dims, i)
+        else:
+            attn = _standard_attention(g, qkv, pasts[i], present, lengths, dims, i)
+        o = g.linear(attn, w[f"{p}.self_attn.o_proj.weight"], w.get(f"{p}.self_attn.o_proj.bias"),
+                     f"layers.{i}.o_proj")
+        x = g.op("Add", x, o, name=f"layers.{i}/attn_residual")
+        h = g.rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], dims.rms_norm_eps,
+                       f"layers.{i}.post_attention_norm")
+        gate = g.linear(h, w[f"{p}.mlp.gate_proj.weight"], w.get(f"{p}.mlp.gate_proj.bias"), f"layers.{i}.gate_proj")
+        up = g.linear(h, w[f"{p}.mlp.up_proj.weight"], w.get(f"{p}.mlp.up_proj.bias"), f"layers.{i}.up_proj")
+        act = g.op("Mul", gate, g.op("Sigmoid", gate, name=f"layers.{i}/Sigmoid"), name=f"layers.{i}/silu")
+        down = g.linear(g.op("Mul", act, up, name=f"layers.{i}/gated"), w[f"{p}.mlp.down_proj.weight"],
+                        w.get(f"{p}.mlp.down_proj.bias"), f"layers.{i}.down_proj")
+        x = g.op("Add", x, down, name=f"layers.{i}/mlp_residual")
+        for name in present:
+            g.output(name, TensorProto.FLOAT, ["batch", dims.num_kv_heads, "max_length", dims.head_dim])
+
+    # Only the last real position of each row goes through the head: norm is per position,
+    # so gathering first saves S - 1 rows of lm_head on a prefill.
+    last = lengths.gather_last(x)
+    last = g.rms_norm(last, w["model.norm.weight"], dims.rms_norm_eps, "final_norm")
+    lm_head = weights.get("lm_head.weight")
+    if lm_head is None:  # tied embeddings: save_pretrained leaves lm_head out
+        lm_head = w["model.embed_tokens.weight"]
+    logits = g.linear(last, lm_head, None, "lm_head")
+    g.op("Identity", logits, outputs=["logits"], name="logits")
+    g.output("logits", TensorProto.FLOAT, ["batch", dims.vocab_size])
+    if project_down is not None:
+        weight, bias = project_down
+        if weight.shape[1] != dims.hidden_size:
+            raise DecoderExportError(
+                f"project_down weight has shape {weight.shape}; expected [visual_dim, {dims.hidden_size}]")
+        regressed = g.linear(last, weight, bias, "project_down")
+        g.op("Identity", regressed, outputs=["regressed"], name="regressed")
+        g.output("regressed", TensorProto.FLOAT, ["batch", int(weight.shape[0])])
+
+    doc = f"Llama decoder, attention={attention}, max_length={max_length}"
+    return g.model(uses_ms_domain=(attention == "gqa"), doc=doc)
+
+
+class _WeightReader:
+    def __init__(self, weights: dict[str, np.ndarray]):
+        self.weights = weights
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.weights:
+            raise DecoderExportError(f"the state dict has no tensor {name!r}; is this a LlamaForCausalLM?")
+        return np.asarray(self.weights[name], dtype=np.float32)
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self[name] if name in self.weights else None
+
+
+class _Lengths:
+    """Per-row positions derived once from seqlens_k and shared by every layer."""
+
+    def __init__(self, g: GraphBuilder, x: str, seqlens_k: str, total_len: str, dims: DecoderDims):
+        self.g, self.dims = g, dims
+        shape = g.op("Shape", x, name="lengths/Shape")
+        self.batch = g.op("Gather", shape, g.const(0), axis=0, name="lengths/batch")       # scalar
+        self.seq = g.op("Gather", shape, g.const(1), axis=0, name="lengths/sequence")      # scalar
+        self.seqlens = g.op("Cast", seqlens_k, to=TensorProto.INT64, name="lengths/seqlens")  # [B]
+        self.total = g.op("Cast", total_len, to=TensorProto.INT64, name="lengths/total")      # scalar
+        # past_b = max(0, seqlens_k[b] + 1 - S); the last real token of row b sits at index
+        # seqlens_k[b] - past_b of this call's S positions.
+        new_end = g.op("Sub", g.op("Add", self.seqlens, g.const(1), name="lengths/count"), self.seq,
+                       name="lengths/past_raw")
+        self.past = g.op("Max", new_end, g.const(0), name="lengths/past")                 # [B]
+        self.last_index = g.op("Sub", self.seqlens, self.past, name="lengths/last_index")  # [B]
+
+    def add_positions(self, cos: str, sin: str) -> None:
+        g = self.g
+        steps = g.op("Range", g.const(0), self.seq, g.const(1), name="positions/steps")   # [S]
+        self.positions = g.op("Add", g.op("Unsqueeze", self.past, g.const([1]), name="positions/past"),
+                              g.op("Unsqueeze", steps, g.const([0]), name="positions/steps2d"),
+                              name="positions")                                           # [B, S]
+        # cos/sin at each position, broadcast over heads: [B, S, 1, D/2]
+        self.cos = g.op("Unsqueeze", g.op("Gather", cos, self.positions, axis=0, name="rope/cos"),
+                        g.const([2]), name="rope/cos4d")
+        self.sin = g.op("Unsqueeze", g.op("Gather", sin, self.positions, axis=0, name="rope/sin"),
+                        g.const([2]), name="rope/sin4d")
+        # ScatterND indices [B, kv_heads, S, 3] = (b, h, position[b, s])
+        kv = self.dims.num_kv_heads
+        target = g.op("Concat", g.op("Unsqueeze", self.batch, g.const([0]), name="scatter/b1"), g.const([kv]),
+                      g.op("Unsqueeze", self.seq, g.const([0]), name="scatter/s1"), g.const([1]),
+                      axis=0, name="scatter/shape")
+        b_idx = g.op("Reshape", g.op("Range", g.const(0), self.batch, g.const(1), name="scatter/brange"),
+                     g.const([-1, 1, 1, 1]), name="scatter/b4d")
+        h_idx = g.const(np.arange(kv).reshape(1, kv, 1, 1))
+        p_idx = g.op("Unsqueeze", self.positions, g.const([1, 3]), name="scatter/p4d")
+        parts = [g.op("Expand", t, target, name=f"scatter/expand{j}") for j, t in enumerate((b_idx, h_idx, p_idx))]
+        self.scatter_indices = g.op("Concat", *parts, axis=3, name="scatter/indices")
+        # allowed[b, s, t] = t <= position[b, s]: causal within the row, and nothing past
+        # the row's own length (rows of a ragged batch end at different places). [B,1,1,S,T]
+        t = g.op("Range", g.const(0), self.total, g.const(1), name="mask/t")
+        allowed = g.op("LessOrEqual", g.op("Reshape", t, g.const([1, 1, -1]), name="mask/t3d"),
+                       g.op("Unsqueeze", self.positions, g.const([2]), name="mask/p3d"), name="mask/allowed")
+        self.allowed = g.op("Unsqueeze", allowed, g.const([1, 2]), name="mask/allowed5d")
+        self.total_1d = g.op("Unsqueeze", self.total, g.const([0]), name="mask/total1d")
+
+    def gather_last(self, x: str) -> str:
+        """x [B, S, H] -> x[b, last_index[b]] [B, H]."""
+        g = self.g
+        flat = g.op("Reshape", x, g.const([-1, self.dims.hidden_size]), name="last/flat")
+        rows = g.op("Range", g.const(0), self.batch, g.const(1), name="last/rows")
+        index = g.op("Add", g.op("Mul", rows, self.seq, name="last/row_start"), self.last_index, name="last/index")
+        return g.op("Gather", flat, index, axis=0, name="last/gather")
+
+
+def _gqa_attention(g: GraphBuilder, qkv: str, past: tuple[str, str], present: tuple[str, str],
+                   seqlens_k: str, total_len: str, cos: str, sin: str, dims: DecoderDims, i: int) -> str:
+    # Packed QKV: key and value inputs left empty, as the kernel expects for packing.
+    out, _, _ = g.op("GroupQueryAttention", qkv, "", "", past[0], past[1], seqlens_k, total_len, cos, sin,
+                     outputs=[f"layers.{i}.attn", present[0], present[1]], name=f"layers.{i}/GroupQueryAttention",
+                     domain=MS_DOMAIN, num_heads=dims.num_heads, kv_num_heads=dims.num_kv_heads,
+                     do_rotary=1, rotary_interleaved=0)
+    return out
+
+
+def _standard_attention(g: GraphBuilder, qkv: str, past: tuple[str, str], present: tuple[str, str],
+                        lengths: _Lengths, dims: DecoderDims, i: int) -> str:
+    n, kv, d, grp = dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.group
+    p = f"layers.{i}"
+    heads = g.op("Reshape", qkv, g.const([0, 0, n + 2 * kv, d]), name=f"{p}/heads")          # [B,S,n+2kv,D]
+    q, k, v = g.op("Split", heads, g.const([n, kv, kv]), axis=2, outputs=3, name=f"{p}/split_qkv")
+    half = g.const([d // 2, d // 2])
+
+    def rotate(t: str, tag: str) -> str:
+        t1, t2 = g.op("Split", t, half, axis=3, outputs=2, name=f"{p}/{tag}_halves")
+        c, s = lengths.cos, lengths.sin
+        r1 = g.op("Sub", g.op("Mul", t1, c, name=f"{p}/{tag}_1c"), g.op("Mul", t2, s, name=f"{p}/{tag}_2s"),
+                  name=f"{p}/{tag}_r1")
+        r2 = g.op("Add", g.op("Mul", t2, c, name=f"{p}/{tag}_2c"), g.op("Mul", t1, s, name=f"{p}/{tag}_1s"),
+                  name=f"{p}/{tag}_r2")
+        return g.op("Concat", r1, r2, axis=3, name=f"{p}/{tag}_rot")
+
+    q, k = rotate(q, "q"), rotate(k, "k")
+    # New rows into the shared buffers. k_new, v_new: [B, kv, S, D]
+    k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], name=f"{p}/k_bnsd")
+    v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], name=f"{p}/v_bnsd")
+    k_all = g.op("ScatterND", past[0], lengths.scatter_indices, k_new, outputs=[present[0]], name=f"{p}/k_write")
+    v_all = g.op("ScatterND", past[1], lengths.scatter_indices, v_new, outputs=[present[1]], name=f"{p}/v_write")
+    # Live rows only: [B, kv, T, D] -> [B, kv, 1, T, D] so one K serves its `grp` query heads
+    # through MatMul broadcasting instead of a repeat.
+    k_live = g.op("Slice", k_all, g.const([0]), lengths.total_1d, g.const([2]), name=f"{p}/k_live")
+    v_live = g.op("Slice", v_all, g.const([0]), lengths.total_1d, g.const([2]), name=f"{p}/v_live")
+    k5 = g.op("Unsqueeze", k_live, g.const([2]), name=f"{p}/k5d")
+    v5 = g.op("Unsqueeze", v_live, g.const([2]), name=f"{p}/v5d")
+    # Query heads grouped by the KV head they share: h = kv_head * grp + j (repeat_kv's order).
+    q5 = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, kv, grp, d]), name=f"{p}/q_groups"),
+              perm=[0, 2, 3, 1, 4], name=f"{p}/q_bkgsd")                                       # [B,kv,grp,S,D]
+    q5 = g.op("Mul", q5, g.const(1.0 / math.sqrt(d), np.float32), name=f"{p}/q_scaled")
+    scores = g.op("MatMul", q5, g.op("Transpose", k5, perm=[0, 1, 2, 4, 3], name=f"{p}/k_t"),
+                  name=f"{p}/scores")                                                          # [B,kv,grp,S,T]
+    scores = g.op("Where", lengths.allowed, scores, g.const(np.finfo(np.float32).min, np.float32),
+                  name=f"{p}/masked")
+    probs = g.op("Softmax", scores, axis=-1, name=f"{p}/softmax")
+    ctx = g.op("MatMul", probs, v5, name=f"{p}/context")                                      # [B,kv,grp,S,D]
+    ctx = g.op("Transpose", ctx, perm=[0, 3, 1, 2, 4], name=f"{p}/context_bs")                # [B,S,kv,grp,D]
+    return g.op("Reshape", ctx, g.const([0, 0, n * d]), name=f"{p}/attn")

@@ -1,0 +1,106 @@
+"""One backend object per graph, behind one small interface.
+
+    backend.run(feeds) -> {output name: numpy array}
+    backend.allocate(shape, dtype)  -> a device buffer (OrtValue) that stays put
+    backend.bind() / backend.run_bound(binding)  for graphs whose buffers live on the device
+
+onnxruntime is imported here and only here, so a missing install is reported once, with
+the extra to install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendError(
+            "onnxruntime is not installed: pip install 'emu-edge[cpu]' (or 'emu-edge[gpu]' for CUDA; "
+            "on a Jetson use the platform's onnxruntime-gpu wheel)") from e
+    return onnxruntime
+
+
+def onnxruntime_version() -> str:
+    return import_onnxruntime().__version__
+
+
+class OnnxBackend:
+    """An onnxruntime InferenceSession for one graph on one device."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, device_id: int = 0):
+        ort = import_onnxruntime()
+        if device not in DEVICES:
+            raise BackendError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        available = ort.get_available_providers()
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError(
+                    "device='cuda' needs onnxruntime's CUDAExecutionProvider, but this onnxruntime "
+                    f"({ort.__version__}) offers only {', '.join(available)}. Install 'emu-edge[gpu]' "
+                    "(onnxruntime-gpu, not alongside onnxruntime) or use device='cpu'.")
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        if threads is not None:
+            if threads < 1:
+                raise BackendError(f"threads must be >= 1, got {threads}")
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.device = device
+        self.device_id = device_id
+        self._ort = ort
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        # Declared shapes: ints for fixed dims, strings for symbolic ones.
+        self.input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self.output_shapes = {o.name: o.shape for o in self.session.get_outputs()}
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = outputs or self.output_names
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    # -- buffers that stay on the device -----------------------------------------------------
+
+    def allocate(self, shape, dtype=np.float32, zeros: bool = False):
+        """A buffer on this backend's device, allocated once by the caller; uninitialised
+        unless zeros=True."""
+        if zeros:
+            # On the CPU the OrtValue wraps (and keeps alive) the numpy memory; on a GPU it
+            # is copied over once.
+            return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, self.device_id)
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, self.device_id)
+
+    def bind(self):
+        return self.session.io_binding()
+
+    def run_bound(self, binding) -> None:
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+
+def create_backend(path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+                   threads: int | None = None, device_id: int = 0) -> OnnxBackend:
+    if backend == "onnxruntime":
+        return OnnxBackend(path, device=device, threads=threads, device_id=device_id)
+    if backend == "tensorrt":
+        # The TensorRT backend (engines from the decoder's "standard" variant, cached by
+        # TensorRT version, GPU, precision and ONNX sha256) plugs in here.
+        raise BackendError("backend='tensorrt' is not available in this version of emu-edge; "
+                           "use backend='onnxruntime' (device='cuda' for the GPU)")
+    raise BackendError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -1,0 +1,187 @@
+"""The decoder over a KV cache that is allocated once and written in place.
+
+    cache = KVCache(backend, kv_spec, batch, max_length)   # 2 x layers buffers
+            [batch, kv_heads, max_length, head_dim], allocated before the first step
+    session = DecoderSession(backend, model_spec, batch, max_length)
+    session.prefill(embeds [B, S, H], lengths)  -> logits [B, V] at each row's last token
+    session.step(embeds [B, 1, H])              -> the next position of every row
+    session.extend(embeds [B, S, H])            -> S more tokens per row (a new chat turn)
+
+The same device buffers are bound as the graph's past inputs and present outputs, so a
+step neither reallocates nor copies the cache: the graph writes only the new rows. Each
+row keeps its own length (`lengths`): a batch of prompts of different lengths is
+right-padded for the prefill and every row then grows from where it ended, at the
+positions it would have alone. seqlens_k / total_sequence_length are derived from those
+lengths (see emu_edge.export.decoder for the graph side of the contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emu_edge.runtime.manifest import KVSpec, ModelSpec
+
+
+class DecoderError(RuntimeError):
+    pass
+
+
+class ContextTooLongError(DecoderError):
+    pass
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+@dataclass
+class DecoderOutput:
+    logits: np.ndarray                  # [B, vocab] at each row's last position
+    regressed: np.ndarray | None = None  # [B, visual_dim] (Emu2's regression head)
+
+
+class KVCache:
+    """Key and value buffers for every layer, [batch, kv_heads, max_length, head_dim]."""
+
+    def __init__(self, backend, spec: KVSpec, batch: int, max_length: int):
+        if batch < 1 or max_length < 1:
+            raise DecoderError(f"batch and max_length must be >= 1, got batch={batch}, max_length={max_length}")
+        self.spec, self.batch, self.max_length = spec, batch, max_length
+        self.nbytes = spec.bytes_for(batch, max_length)
+        if backend.device == "cpu":
+            self._check_memory()
+        # The device memory check is left to the allocator: onnxruntime reports a failed
+        # CUDA allocation itself, and there is no portable free-memory query without CUDA
+        # bindings.
+        dtype = np.dtype(spec.dtype)
+        shape = [batch, spec.num_kv_heads, max_length, spec.head_dim]
+        # Zeroed once: the "standard" graph multiplies masked positions by a probability of
+        # exactly 0, and 0 x NaN from never-written memory would still be NaN. Later reuse
+        # leaves finite old values there, which the masks cancel.
+        self.buffers = [(backend.allocate(shape, dtype, zeros=True), backend.allocate(shape, dtype, zeros=True))
+                        for _ in range(spec.num_layers)]
+        self.lengths = np.zeros(batch, dtype=np.int64)  # tokens held per row
+
+    def _check_memory(self) -> None:
+        available = available_memory_bytes()
+        if available is not None and self.nbytes > available:
+            s = self.spec
+            raise DecoderError(
+                f"the KV cache for batch {self.batch} at max_length {self.max_length} needs {_gib(self.nbytes)} "
+                f"(2 x {s.num_layers} layers x {self.batch} x {s.num_kv_heads} kv heads x {self.max_length} "
+                f"x {s.head_dim} x {np.dtype(s.dtype).itemsize} bytes) but only {_gib(available)} is available "
+                f"(MemAvailable). Lower max_length (Pipeline.load(..., max_length=N)) or the batch size.")
+
+    def reset(self) -> None:
+        # No clearing needed: old contents are finite, and each row is read only up to its
+        # length (or masked there).
+        self.lengths[:] = 0
+
+
+class DecoderSession:
+    """Runs decoder.onnx over one KVCache through an IOBinding set up once."""
+
+    def __init__(self, backend, model: ModelSpec, batch: int, max_length: int):
+        self.backend = backend
+        self.model = model
+        self.cache = KVCache(backend, model.kv, batch, max_length)
+        self.batch, self.max_length = batch, max_length
+        self.binding = backend.bind()
+        for i, (key, value) in enumerate(self.cache.buffers):
+            # Same buffer in and out: the graph writes the new rows into it in place.
+            self.binding.bind_ortvalue_input(f"past_key_values.{i}.key", key)
+            self.binding.bind_ortvalue_output(f"present.{i}.key", key)
+            self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", value)
+            self.binding.bind_ortvalue_output(f"present.{i}.value", value)
+        self.logits = backend.allocate([batch, model.vocab_size], np.float32)
+        self.binding.bind_ortvalue_output("logits", self.logits)
+        self.regressed = None
+        if "regressed" in backend.output_names:
+            visual_dim = backend.output_shapes["regressed"][1]
+            self.regressed = backend.allocate([batch, visual_dim], np.float32)
+            self.binding.bind_ortvalue_output("regressed", self.regressed)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.cache.lengths.copy()
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def prefill(self, inputs_embeds: np.ndarray, lengths=None) -> DecoderOutput:
+        """Start over with a (right-padded) batch of prompts; lengths[b] real tokens in row b."""
+        embeds = self._check_embeds(inputs_embeds)
+        counts = np.full(self.batch, embeds.shape[1], np.int64) if lengths is None else np.asarray(lengths, np.int64)
+        if counts.shape != (self.batch,) or counts.min() < 1 or counts.max() > embeds.shape[1]:
+            raise DecoderError(f"lengths must give 1..{embeds.shape[1]} tokens for each of the {self.batch} "
+                               f"rows, got {counts.tolist()}")
+        self.cache.reset()
+        # Padding past the longest row would make the graph take this for a continuation.
+        return self._forward(embeds[:, : int(counts.max())], counts)
+
+    def extend(self, inputs_embeds: np.ndarray) -> DecoderOutput:
+        """Append S tokens to every row (the next turn of a conversation, or one step)."""
+        embeds = self._check_embeds(inputs_embeds)
+        if self.cache.lengths.max() == 0:
+            return self.prefill(embeds)
+        steps = embeds.shape[1]
+        self._check_room(self.cache.lengths + steps)
+        if steps > 1 and self.batch > 1:
+            # GroupQueryAttention takes several new tokens on a non-empty cache only for
+            # batch 1; one token at a time is the same computation for every row.
+            out = None
+            for s in range(steps):
+                out = self._forward(embeds[:, s : s + 1], np.ones(self.batch, np.int64))
+            return out
+        return self._forward(embeds, np.full(self.batch, steps, np.int64))
+
+    def step(self, inputs_embeds: np.ndarray) -> DecoderOutput:
+        embeds = self._check_embeds(inputs_embeds)
+        if embeds.shape[1] != 1:
+            raise DecoderError(f"step() takes one position per row, got {embeds.shape[1]}; use extend()")
+        return self.extend(embeds)
+
+    def _check_embeds(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        embeds = np.ascontiguousarray(inputs_embeds, dtype=np.float32)
+        expected = (self.batch, self.model.hidden_size)
+        if embeds.ndim != 3 or (embeds.shape[0], embeds.shape[2]) != expected or embeds.shape[1] < 1:
+            raise DecoderError(f"inputs_embeds must have shape [{self.batch}, S >= 1, {self.model.hidden_size}], "
+                               f"got {list(embeds.shape)}")
+        return embeds
+
+    def _check_room(self, totals: np.ndarray) -> None:
+        if totals.max() > self.max_length:
+            raise ContextTooLongError(
+                f"the context would grow to {int(totals.max())} tokens, beyond max_length {self.max_length}. "
+                f"Start a new conversation, shorten the prompt or max_new_tokens, or load with a larger "
+                f"max_length (this bundle's decoder supports up to {self.model.max_length}).")
+
+    def _forward(self, embeds: np.ndarray, counts: np.ndarray) -> DecoderOutput:
+        totals = self.cache.lengths + counts
+        self._check_room(totals)
+        seqlens_k = (totals - 1).astype(np.int32)
+        total = np.array(totals.max(), dtype=np.int32)
+        self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        self.binding.bind_cpu_input("seqlens_k", seqlens_k)
+        self.binding.bind_cpu_input("total_sequence_length", total)
+        self.backend.run_bound(self.binding)
+        self.cache.lengths[:] = totals
+        # Copies: the bound output buffers are overwritten by the next call.
+        return DecoderOutput(
+            logits=np.array(self.logits.numpy(), copy=True),
+            regressed=None if self.regressed is None else np.array(self.regressed.numpy(), copy=True),
+        )

@@ -1,0 +1,251 @@
+"""manifest.json: the one contract between the exporter and the runtime.
+
+The exporter writes the manifest through these classes and the runtime reads it through
+them, so the two sides cannot drift. Keys this version does not know are kept and written
+back unchanged (a newer exporter's additions survive a round trip through an older tool);
+a schema version this runtime does not read is refused with the versions it does read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+MANIFEST_FILE = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+ATTENTION_VARIANTS = ("gqa", "standard")
+
+
+class ManifestError(ValueError):
+    """manifest.json is unreadable, of an unsupported schema version, or incomplete."""
+
+
+def _unknown_field():
+    return field(default_factory=dict, repr=False, compare=False)
+
+
+class _Spec:
+    """from_dict/to_dict for the dataclasses below: required fields are those without a
+    default; unknown keys go to `unknown_keys` and come back out on to_dict."""
+
+    _nested: dict[str, Any] = {}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where} must be a JSON object, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "unknown_keys"]
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ManifestError(f"{where} is missing the field(s) {', '.join(missing)}")
+        values = {}
+        for name in names:
+            if name in data:
+                convert = cls._nested.get(name)
+                values[name] = convert(data[name], f"{where}.{name}") if convert else data[name]
+        spec = cls(**values)
+        spec.unknown_keys = {k: v for k, v in data.items() if k not in names}
+        spec.validate(where)
+        return spec
+
+    def validate(self, where: str) -> None:
+        pass
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "unknown_keys":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = _plain(value)
+        out.update(self.unknown_keys)
+        return out
+
+
+def _plain(value):
+    if isinstance(value, _Spec):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _list_of(cls):
+    def convert(data, where):
+        if not isinstance(data, list):
+            raise ManifestError(f"{where} must be a JSON list, got {type(data).__name__}")
+        return [cls.from_dict(item, f"{where}[{i}]") for i, item in enumerate(data)]
+    return convert
+
+
+def _dict_of(cls):
+    def convert(data, where):
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where} must be a JSON object, got {type(data).__name__}")
+        return {k: cls.from_dict(v, f"{where}.{k}") for k, v in data.items()}
+    return convert
+
+
+def _dynamic_axes(data, where):
+    # JSON object keys are strings; axes are ints in memory.
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where} must be a JSON object")
+    try:
+        return {name: {int(axis): dim for axis, dim in axes.items()} for name, axes in data.items()}
+    except (AttributeError, ValueError) as e:
+        raise ManifestError(f"{where} must map tensor names to {{axis: dim name}}: {e}") from e
+
+
+@dataclass
+class IOSpec(_Spec):
+    """One graph input or output. Symbolic dims are strings ("batch", "sequence")."""
+
+    name: str
+    dtype: str          # numpy name: "float32", "int64", ...
+    shape: list         # ints and dim names
+    unknown_keys: dict = _unknown_field()
+
+
+@dataclass
+class GraphSpec(_Spec):
+    file: str
+    sha256: str
+    precision: str
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    ir_version: int
+    opset: int                     # of the default ONNX domain
+    domains: dict[str, int]        # every operator domain the graph uses -> its version
+    min_onnxruntime: str
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    # TensorRT-style shape profiles: {input: {"min": [...], "opt": [...], "max": [...]}}
+    profiles: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    # Tensors stored beside the graph (graphs over 2 GB): [{"file": ..., "sha256": ...}]
+    external_data: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    unknown_keys: dict = _unknown_field()
+
+    _nested = {"inputs": _list_of(IOSpec), "outputs": _list_of(IOSpec), "dynamic_axes": _dynamic_axes}
+
+    def validate(self, where: str) -> None:
+        if self.precision not in PRECISIONS:
+            raise ManifestError(f"{where}.precision is {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+
+    def input(self, name: str) -> IOSpec | None:
+        return next((io for io in self.inputs if io.name == name), None)
+
+    def output(self, name: str) -> IOSpec | None:
+        return next((io for io in self.outputs if io.name == name), None)
+
+
+@dataclass
+class KVSpec(_Spec):
+    """The decoder's cache: per layer, key and value buffers
+    [batch, num_kv_heads, max_length, head_dim] of `dtype`, past and present shared."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    attention: str = "standard"    # which decoder graph variant was exported
+    unknown_keys: dict = _unknown_field()
+
+    def validate(self, where: str) -> None:
+        if self.attention not in ATTENTION_VARIANTS:
+            raise ManifestError(f"{where}.attention is {self.attention!r}; expected one of {', '.join(ATTENTION_VARIANTS)}")
+
+    def bytes_for(self, batch: int, max_length: int) -> int:
+        import numpy as np
+        itemsize = np.dtype(self.dtype).itemsize
+        return 2 * self.num_layers * batch * self.num_kv_heads * max_length * self.head_dim * itemsize
+
+
+@dataclass
+class ModelSpec(_Spec):
+    """What the runtime needs to know about the model besides the graphs. Only the text
+    fields are required; image fields are present when the bundle has those graphs."""
+
+    vocab_size: int
+    hidden_size: int
+    max_length: int                # positions the decoder's rotary tables cover
+    kv: KVSpec
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # "[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]", ... -> id
+    special_tokens: dict[str, int] = field(default_factory=dict)
+    n_query: int | None = None                 # visual embeddings per image
+    frame_n_query: int | None = None           # visual embeddings per video frame
+    video_frames: int | None = None            # frames sampled from a video
+    frame_n_query: int | None = None           # visual embeddings per video frame
+    video_frames: int | None = None            # frames a clip is sampled to
+    visual_dim: int | None = None
+    image_size: int | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    prompt_templates: dict[str, str] = field(default_factory=dict)
+    unconditional_embedding: dict | None = None   # e.g. {"kind": "zeros"}
+    scheduler: dict | None = None                 # a diffusers scheduler config
+    generation: dict = field(default_factory=dict)  # generation defaults
+    architecture: str | None = None
+    source: dict = field(default_factory=dict)    # where the weights came from
+    unknown_keys: dict = _unknown_field()
+
+    _nested = {"kv": KVSpec.from_dict}
+
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+
+@dataclass
+class Manifest(_Spec):
+    schema_version: int
+    graphs: dict[str, GraphSpec]
+    model: ModelSpec
+    tokenizer: str = "tokenizer.json"
+    unknown_keys: dict = _unknown_field()
+
+    _nested = {"graphs": _dict_of(GraphSpec), "model": ModelSpec.from_dict}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:
+        # The version is checked before anything else: a newer schema may have moved the
+        # very fields whose absence would otherwise be reported.
+        if isinstance(data, dict) and "schema_version" in data:
+            version = data["schema_version"]
+            if version not in SUPPORTED_SCHEMA_VERSIONS:
+                readable = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
+                raise ManifestError(
+                    f"{where} has schema_version {version!r}; this runtime reads schema version(s) "
+                    f"{readable}. Upgrade emu-edge to read it, or re-export the bundle with this version.")
+        return super().from_dict(data, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_FILE
+        if not path.is_file():
+            raise ManifestError(f"{path} does not exist; a bundle folder holds a {MANIFEST_FILE}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{path} is not valid JSON ({e}); the bundle is corrupt, re-export it") from e
+        return cls.from_dict(data, str(path))

@@ -1,0 +1,267 @@
+"""The decoder and embedding graphs against the PyTorch model they were built from.
+
+Parity is teacher-forced: a fresh random sequence runs through the ONNX decoder through its
+KV cache (a prefill, then one position per step, then a multi-token continuation) and every
+position's logits are compared with one full PyTorch forward over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import LLM_PRESETS, build_llm, llm_config
+from emu_edge.export.bundle_writer import BundleWriter, min_onnxruntime_for
+from emu_edge.export.decoder import DecoderExportError, build_decoder, decoder_dims, resolve_attention
+from emu_edge.export.embed import build_embed
+from emu_edge.runtime.bundle import Bundle
+from emu_edge.runtime.manifest import KVSpec, ModelSpec
+
+MAX_LENGTH = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # The models here are tiny: a second thread only adds synchronisation (and, on a busy
+    # 2-core machine, waits for a core).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _variants(preset: str) -> list[str]:
+    head_dim = decoder_dims(llm_config(preset)).head_dim
+    return ["gqa", "standard"] if head_dim % 16 == 0 else ["standard"]
+
+
+CASES = [(p, v) for p in LLM_PRESETS for v in _variants(p)]
+
+
+class OnnxDecoder:
+    """Runs a decoder ModelProto with shared past/present buffers, as the runtime does."""
+
+    def __init__(self, model_proto: onnx.ModelProto, config, batch: int = 1, max_length: int = MAX_LENGTH):
+        dims = decoder_dims(config)
+        self.session = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+        shape = [batch, dims.num_kv_heads, max_length, dims.head_dim]
+        self.kv = []
+        for i in range(dims.num_layers):
+            for part in ("key", "value"):
+                # zero-filled, as the runtime's KVCache: see test_kv_cache_starts_zeroed
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self.kv.append(buf)
+                self.binding.bind_ortvalue_input(f"past_key_values.{i}.{part}", buf)
+                self.binding.bind_ortvalue_output(f"present.{i}.{part}", buf)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, dims.vocab_size], np.float32)
+        self.binding.bind_ortvalue_output("logits", self.logits)
+        self.lengths = np.zeros(batch, np.int64)
+
+    def run(self, embeds: np.ndarray, counts=None) -> np.ndarray:
+        counts = np.full(embeds.shape[0], embeds.shape[1]) if counts is None else np.asarray(counts)
+        totals = self.lengths + counts
+        self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        self.binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
+        self.binding.bind_cpu_input("total_sequence_length", np.array(totals.max(), np.int32))
+        self.session.run_with_iobinding(self.binding)
+        self.lengths = totals
+        return self.logits.numpy().copy()
+
+
+def _assert_close(got: np.ndarray, ref: np.ndarray, what: str) -> None:
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(got - ref).max())
+    assert err <= 1e-4 * scale, f"{what}: max abs error {err:.3g} vs logit scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("preset,attention", CASES, ids=[f"{p}-{v}" for p, v in CASES])
+def test_decoder_logits_match_torch_teacher_forced(preset, attention):
+    model = build_llm(preset, seed=1)
+    graph = build_decoder(model.config, _weights(model), attention, MAX_LENGTH)
+    torch.manual_seed(100 + len(preset))
+    embeds = torch.randn(1, 24, model.config.hidden_size)
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds).logits[0].numpy()   # [24, V]
+    x = embeds.numpy()
+    dec = OnnxDecoder(graph, model.config)
+    got = {6: dec.run(x[:, :7])[0]}                            # prefill 7
+    for t in range(7, 16):                                     # steps
+        got[t] = dec.run(x[:, t : t + 1])[0]
+    got[22] = dec.run(x[:, 16:23])[0]                          # continuation of 7
+    got[23] = dec.run(x[:, 23:24])[0]
+    for t, logits in got.items():
+        _assert_close(logits, ref[t], f"{preset}/{attention} position {t}")
+
+
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_ragged_batch_matches_each_row_alone(attention):
+    model = build_llm("gqa", seed=2)
+    graph = build_decoder(model.config, _weights(model), attention, MAX_LENGTH)
+    torch.manual_seed(7)
+    lengths = [3, 9, 6]
+    rows = [torch.randn(1, n + 4, model.config.hidden_size) for n in lengths]
+    with torch.no_grad():
+        refs = [model(inputs_embeds=r).logits[0].numpy() for r in rows]
+    padded = np.zeros([3, max(lengths), model.config.hidden_size], np.float32)
+    for b, n in enumerate(lengths):
+        padded[b, :n] = rows[b][0, :n].numpy()
+    padded[0, 3:] = 123.0  # padding must not leak into any row
+    dec = OnnxDecoder(graph, model.config, batch=3)
+    got = dec.run(padded, lengths)
+    for b, n in enumerate(lengths):
+        _assert_close(got[b], refs[b][n - 1], f"row {b} after prefill")
+    for s in range(4):
+        step = np.stack([rows[b][0, lengths[b] + s].numpy() for b in range(3)])[:, None]
+        got = dec.run(step, [1, 1, 1])
+        for b, n in enumerate(lengths):
+            _assert_close(got[b], refs[b][n + s], f"row {b} step {s}")
+
+
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_regressed_matches_project_down_of_final_hidden(attention):
+    model = build_llm("gqa", seed=3)
+    rng = np.random.default_rng(0)
+    visual_dim = 24
+    weight = rng.standard_normal((visual_dim, model.config.hidden_size)).astype(np.float32)
+    bias = rng.standard_normal(visual_dim).astype(np.float32)
+    graph = build_decoder(model.config, _weights(model), attention, MAX_LENGTH, project_down=(weight, bias))
+    embeds = rng.standard_normal((2, 5, model.config.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        hidden = model.model(inputs_embeds=torch.from_numpy(embeds)).last_hidden_state[:, -1].numpy()
+    ref = hidden @ weight.T + bias
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    dims = decoder_dims(model.config)
+    feeds = {"inputs_embeds": embeds, "seqlens_k": np.array([4, 4], np.int32),
+             "total_sequence_length": np.array(5, np.int32)}
+    for i in range(dims.num_layers):
+        for part in ("key", "value"):
+            feeds[f"past_key_values.{i}.{part}"] = np.zeros([2, dims.num_kv_heads, MAX_LENGTH, dims.head_dim],
+                                                           np.float32)
+    regressed = session.run(["regressed"], feeds)[0]
+    assert regressed.shape == (2, visual_dim)
+    np.testing.assert_allclose(regressed, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_graph_passes_checker_and_targets_old_onnxruntime(attention):
+    model = build_llm("gqa")
+    graph = build_decoder(model.config, _weights(model), attention, MAX_LENGTH)
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.shape_inference.infer_shapes(graph, strict_mode=True)
+    assert graph.ir_version <= 9
+    opsets = {o.domain: o.version for o in graph.opset_import}
+    assert opsets[""] <= 19
+    domains = {n.domain for n in graph.graph.node}
+    if attention == "standard":
+        assert domains == {""}, "the standard variant must use standard ONNX ops only (TensorRT)"
+        assert min_onnxruntime_for(graph) == "1.16"
+    else:
+        assert opsets["com.microsoft"] == 1
+        assert any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
+        assert min_onnxruntime_for(graph) == "1.20"
+
+
+def test_auto_attention_falls_back_for_head_dim_not_multiple_of_16():
+    model = build_llm("head24")
+    assert decoder_dims(model.config).head_dim == 24
+    assert resolve_attention("auto", 24) == "standard"
+    assert resolve_attention("auto", 32) == "gqa"
+    with pytest.raises(DecoderExportError, match="head_dim % 16"):
+        build_decoder(model.config, _weights(model), "gqa", MAX_LENGTH)
+    graph = build_decoder(model.config, _weights(model), "auto", MAX_LENGTH)
+    assert not any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
+
+
+def test_unsupported_rope_type_is_refused():
+    model = build_llm("gqa", rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(DecoderExportError, match="supported: default, llama3"):
+        build_decoder(model.config, _weights(model), "standard", MAX_LENGTH)
+
+
+def test_external_data_above_threshold(tmp_path):
+    model = build_llm("gqa", seed=4)
+    graph = build_decoder(model.config, _weights(model), "gqa", MAX_LENGTH)
+    reference = OnnxDecoder(graph, model.config)
+    out = tmp_path / "bundle"
+    with BundleWriter(out, external_data_threshold=1000, log=lambda *_: None) as writer:
+        spec = writer.add_graph("decoder", graph)
+        writer.write_tokenizer(_tiny_tokenizer())
+        dims = decoder_dims(model.config)
+        writer.finish(ModelSpec(vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, max_length=MAX_LENGTH,
+                                kv=KVSpec(dims.num_layers, dims.num_kv_heads, dims.head_dim, attention="gqa")))
+    assert spec.external_data and spec.external_data[0]["file"] == "decoder.onnx.data"
+    assert (out / "decoder.onnx.data").stat().st_size > (out / "decoder.onnx").stat().st_size
+    bundle = Bundle.open(out)  # hashes both files
+    assert bundle.manifest.graphs["decoder"].external_data == spec.external_data
+    loaded = onnx.load(str(out / "decoder.onnx"))  # pulls the external tensors back in
+    embeds = np.random.default_rng(5).standard_normal((1, 6, model.config.hidden_size)).astype(np.float32)
+    np.testing.assert_array_equal(OnnxDecoder(loaded, model.config).run(embeds), reference.run(embeds))
+    assert not list(tmp_path.glob(".bundle.partial-*"))
+
+
+def _tiny_tokenizer():
+    from conftest import build_tokenizer
+
+    return build_tokenizer(16)
+
+
+# -- the embedding graph ---------------------------------------------------------------
+
+
+def _embed_session(model, image_token_id=None, project_up=None):
+    graph = build_embed(_weights(model), model.config, image_token_id=image_token_id, project_up=project_up)
+    onnx.checker.check_model(graph, full_check=True)
+    assert graph.ir_version <= 9
+    return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_embed_is_the_token_embedding():
+    model = build_llm("gqa", seed=5)
+    session = _embed_session(model)
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 9))
+    got = session.run(None, {"input_ids": ids})[0]
+    with torch.no_grad():
+        ref = model.get_input_embeddings()(torch.from_numpy(ids)).numpy()
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_embed_splices_projected_images_in_row_major_order():
+    model = build_llm("gqa", seed=6)
+    rng = np.random.default_rng(2)
+    hidden, visual_dim, image_id = model.config.hidden_size, 12, 7
+    weight = rng.standard_normal((hidden, visual_dim)).astype(np.float32)
+    bias = rng.standard_normal(hidden).astype(np.float32)
+    session = _embed_session(model, image_id, (weight, bias))
+    ids = rng.integers(10, model.config.vocab_size, (2, 8))
+    ids[0, [1, 2, 6]] = image_id
+    ids[1, [0, 5]] = image_id
+    images = rng.standard_normal((5, visual_dim)).astype(np.float32)
+    got = session.run(None, {"input_ids": ids, "image_embeds": images})[0]
+    table = model.get_input_embeddings().weight.detach().numpy()
+    ref = table[ids]
+    projected = images @ weight.T + bias
+    for k, (b, s) in enumerate([(0, 1), (0, 2), (0, 6), (1, 0), (1, 5)]):
+        ref[b, s] = projected[k]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+    # A regressed embedding fed back as the next decoder input: one image token, one row.
+    one = rng.standard_normal((1, visual_dim)).astype(np.float32)
+    got = session.run(None, {"input_ids": np.array([[image_id]]), "image_embeds": one})[0]
+    np.testing.assert_allclose(got[0, 0], (one @ weight.T + bias)[0], rtol=0, atol=1e-5)
+
+    # Text-only steps: no image tokens, an empty [0, visual_dim] block.
+    text = rng.integers(10, model.config.vocab_size, (1, 4))
+    got = session.run(None, {"input_ids": text, "image_embeds": np.zeros((0, visual_dim), np.float32)})[0]
+    np.testing.assert_array_equal(got, table[text])
+
+    # A count that differs from the image tokens is an error, never a silent misplacement.
+    with pytest.raises(Exception, match="ScatterND|updates"):
+        session.run(None, {"input_ids": ids, "image_embeds": images[:4]})
