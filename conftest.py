@@ -13,3 +13,21 @@ def tiny_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "checkpoint"
     assert main(["train", "--preset", "tiny", "--steps", "20", "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """`emu-edge export` of the tiny checkpoint (GroupQueryAttention decoder)."""
+    from emu_edge.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    assert main(["export", str(tiny_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny checkpoint as PyTorch modules: (model, tokenizer, config), for parity."""
+    from emu_edge.training.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)

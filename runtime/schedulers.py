@@ -568,3 +568,9 @@ def make_scheduler(name: str, config: dict):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     return SCHEDULERS[name].from_config(config)
+
+
+def initial_noise(seed: int, shape) -> np.ndarray:
+    """The starting latents of a denoising loop. numpy draws them for the runtime and the
+    PyTorch reference alike, so one seed gives one image on both."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from emu_edge.runtime.prompt import EOS, Encoded, PromptBuilder
+from emu_edge.runtime.schedulers import initial_noise
 from emu_edge.training.batching import to_pixels
 
 
@@ -83,8 +84,8 @@ def sample_images(model, cond: torch.Tensor, steps: int = 25, guidance: float = 
     sched = classes[scheduler].from_config(model.scheduler.config)
     sched.set_timesteps(steps)
     b, size = cond.shape[0], model.cfg.image_size
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((b, 3, size, size), generator=g) * sched.init_noise_sigma
+    # numpy draws the starting noise, as the runtime does, so one seed gives one image on both.
+    x = torch.from_numpy(initial_noise(seed, (b, 3, size, size))) * sched.init_noise_sigma
     both = torch.cat([cond, torch.zeros_like(cond)])
     for t in sched.timesteps:
         inp = sched.scale_model_input(torch.cat([x, x]), t)
