@@ -27,7 +27,7 @@ def _tiny(steps: int, **overrides):
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    step = (folder / "steps" / "latest").read_text().strip()
+    step = json.loads((folder / "steps" / "latest.json").read_text())["step"]
     return load_file(str(folder / "steps" / step / "model.safetensors"))
 
 
@@ -49,8 +49,9 @@ def test_checkpoint_layout_and_from_pretrained(tiny_checkpoint):
     CLIPVisionModel.from_pretrained(ck / "vision")
     UNet2DConditionModel.from_pretrained(ck / "unet")
     # Safetensors, JSON and ONNX only: nothing that would need unpickling.
-    allowed = {".safetensors", ".json", ".onnx", ".jsonl", ".png", ""}
-    odd = [p for p in ck.rglob("*") if p.is_file() and p.suffix not in allowed and p.name != "latest"]
+    # (metrics.jsonl and loss.png are the run's log beside it)
+    allowed = {".safetensors", ".json", ".onnx", ".jsonl", ".png"}
+    odd = [p for p in ck.rglob("*") if p.is_file() and p.suffix not in allowed]
     assert not odd, odd
     meta = json.loads((ck / "emu.json").read_text())
     assert meta["n_query"] == 4 and set(meta["special_tokens"]) >= {"[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]"}
@@ -71,7 +72,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     full = train(_tiny(4, save_every=2), tmp_path / "full", stages, judge=False, progress=False)
     part = tmp_path / "part"
     train(_tiny(4, save_every=2), part, stages, stop_after=6, judge=False, progress=False)
-    assert (part / "steps" / "latest").read_text().strip() == "2-000002"
+    assert json.loads((part / "steps" / "latest.json").read_text())["step"] == "2-000002"
     # A half-written step folder from a kill mid-save is ignored.
     (part / "steps" / ".2-000004.tmp").mkdir()
     train(_tiny(4, save_every=2), part, stages, resume=True, judge=False, progress=False)

@@ -3,7 +3,7 @@
     checkpoint/emu.json, llm/, vision/, unet/, projections.safetensors, tokenizer.json, judge.onnx
     checkpoint/steps/<stage>-<step>/  model.safetensors, optimizer.safetensors, optimizer.json,
                                       rng.safetensors, state.json
-    checkpoint/steps/latest           name of the last complete step folder
+    checkpoint/steps/latest.json      {"step": name of the last complete step folder}
 
 Every file is safetensors, JSON or ONNX: nothing is unpickled. Step folders are written under
 a temporary name and renamed, and `latest` is replaced atomically, so a run killed at any
@@ -27,6 +27,7 @@ from emu_edge.training.batching import IMAGE_MEAN, IMAGE_STD
 
 EMU_JSON = "emu.json"
 COMPONENTS = ("llm", "vision", "unet")
+LATEST = "latest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -182,9 +183,9 @@ def save_step(out: Path, name: str, model, optimizer, state: dict, keep: int = 2
     final = steps / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    pointer = steps / ".latest.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, steps / "latest")
+    pointer = steps / ".latest.json.tmp"
+    pointer.write_text(json.dumps({"step": name}))
+    os.replace(pointer, steps / LATEST)
     done = sorted(p for p in steps.iterdir() if p.is_dir() and not p.name.startswith("."))
     for old in done[:-keep]:  # names sort by stage, then zero-padded step
         shutil.rmtree(old, ignore_errors=True)
@@ -192,10 +193,13 @@ def save_step(out: Path, name: str, model, optimizer, state: dict, keep: int = 2
 
 
 def latest_step(out: Path) -> Path | None:
-    pointer = out / "steps" / "latest"
+    pointer = out / "steps" / LATEST
     if not pointer.exists():
         return None
-    folder = out / "steps" / pointer.read_text().strip()
+    try:
+        folder = out / "steps" / json.loads(pointer.read_text())["step"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{pointer} is corrupt ({e}); delete it to resume from scratch") from e
     if not (folder / "state.json").exists():
         raise CheckpointError(f"{pointer} names {folder}, which is incomplete or missing")
     return folder

@@ -39,7 +39,7 @@ class EmuConfig:
     cfg_drop: float = 0.1
     # Training (per stage; --steps on the command line overrides `steps`).
     batch_size: int = 32
-    steps: dict[str, int] = field(default_factory=lambda: {"1": 500, "2": 1200, "3": 600, "4": 900})
+    steps: dict[str, int] = field(default_factory=lambda: {"1": 2000, "2": 2400, "3": 900, "4": 1400})
     lr: dict[str, float] = field(default_factory=lambda: {"1": 2e-3, "2": 2e-3, "3": 1e-3, "4": 1e-3})
     warmup: int = 50
     weight_decay: float = 0.01

@@ -162,7 +162,7 @@ def prepare(cfg: EmuConfig, out: Path, resume: bool, log):
     tok_file = out / "tokenizer.json"
     if resume:
         if not tok_file.exists() or ckpt.latest_step(out) is None:
-            raise ckpt.CheckpointError(f"--resume: nothing to resume in {out} (no steps/latest); "
+            raise ckpt.CheckpointError(f"--resume: nothing to resume in {out} (no steps/latest.json); "
                                        "start without --resume")
         tokenizer = Tokenizer.from_file(str(tok_file))
     else:
