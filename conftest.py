@@ -26,6 +26,16 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle_standard(tiny_checkpoint, tmp_path_factory):
+    """The same checkpoint with the standard-ops decoder (the TensorRT variant)."""
+    from emu_edge.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny_standard"
+    assert main(["export", str(tiny_checkpoint), "--out", str(out), "--attention", "standard"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     """The tiny checkpoint as PyTorch modules: (model, tokenizer, config), for parity."""
     from emu_edge.training.checkpoint import load_checkpoint

@@ -69,15 +69,15 @@ def test_unet_parity_with_batch_and_fractional_timesteps(tiny_bundle, tiny_model
 
 
 @pytest.mark.parametrize("attention", ["gqa", "standard"])
-def test_decoder_teacher_forcing_parity_on_a_multimodal_prompt(tiny_checkpoint, tiny_model, tmp_path, attention):
+def test_decoder_teacher_forcing_parity_on_a_multimodal_prompt(request, tiny_model, attention):
     """The regressed embedding and logits at every position, the bundle run step by step
     through its KV cache against one full PyTorch forward."""
     from emu_edge import data
     from emu_edge.runtime.pipeline import Pipeline
     from emu_edge.training.generate import _visuals
 
-    bundle = tmp_path / attention
-    assert main(["export", str(tiny_checkpoint), "--out", str(bundle), "--attention", attention]) == 0
+    bundle = request.getfixturevalue({"gqa": "tiny_bundle", "standard": "tiny_bundle_standard"}[attention])
+    assert Bundle.open(bundle).manifest.model.kv.attention == attention
     pipe = Pipeline.load(bundle)
     model, _, cfg = tiny_model
     sample = data.vqa("test", 1, seed=7, size=cfg.image_size)[0]

@@ -21,6 +21,12 @@ def pipe(tiny_bundle):
     return Pipeline.load(tiny_bundle)
 
 
+@pytest.fixture(scope="module", params=["gqa", "standard"])
+def any_pipe(request):
+    """The runtime over each decoder attention variant."""
+    return Pipeline.load(request.getfixturevalue({"gqa": "tiny_bundle", "standard": "tiny_bundle_standard"}[request.param]))
+
+
 def _prompt(sample):
     segs = [(s.kind, s.value) for s in sample.segments]
     last = max(i for i, (k, _) in enumerate(segs) if k == "answer")
@@ -32,7 +38,8 @@ def _items(segments):
 
 
 @pytest.mark.parametrize("task", ["captioning", "vqa", "video", "fewshot", "digits"])
-def test_greedy_text_matches_pytorch(pipe, tiny_model, task):
+def test_greedy_text_matches_pytorch(any_pipe, tiny_model, task):
+    pipe = any_pipe
     model, tokenizer, cfg = tiny_model
     for sample in getattr(data, task)("test", 3, size=cfg.image_size):
         segs = _prompt(sample)
@@ -54,7 +61,8 @@ def pipe_sampler():
     return Sampler(SamplingConfig())
 
 
-def test_text_to_image_matches_pytorch_within_2_levels(pipe, tiny_model):
+def test_text_to_image_matches_pytorch_within_2_levels(any_pipe, tiny_model):
+    pipe = any_pipe
     model, _, cfg = tiny_model
     prompts = ["a red circle", "a large blue square"]
     got = [np.asarray(pipe.generate_image([p], steps=8, guidance=3.0, seed=3)) for p in prompts]
