@@ -207,3 +207,19 @@ def test_text_only_bundle_refuses_images(tmp_path, tiny_checkpoint):
     pipe = Pipeline.load(out)
     with pytest.raises(ValueError, match="vision_encoder"):
         pipe.generate_image(["a red circle"])
+
+
+def test_without_onnxruntime_the_error_names_the_extra(tiny_bundle):
+    code = f"""
+import sys
+sys.modules['onnxruntime'] = None
+sys.modules['torch'] = None
+import emu_edge.runtime.pipeline as p   # importing works; using a graph says what to install
+try:
+    p.Pipeline.load({str(tiny_bundle)!r})
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'emu-edge[cpu]'" in result.stdout
