@@ -8,7 +8,6 @@ file itself: hash, I/O, operator domains, IR/opset and the oldest onnxruntime th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from emu_edge.runtime.bundle import sha256_file, version_key
 from emu_edge.runtime.manifest import (MANIFEST_FILE, SCHEMA_VERSION, GraphSpec, IOSpec, Manifest,
                                        ModelSpec)
 
@@ -39,18 +39,6 @@ class BundleWriteError(RuntimeError):
     pass
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".")[:3])
-
-
 def min_onnxruntime_for(model: onnx.ModelProto) -> str:
     """The oldest onnxruntime that loads and runs this graph as intended."""
     needed = [BASE_ONNXRUNTIME]
@@ -70,7 +58,7 @@ def min_onnxruntime_for(model: onnx.ModelProto) -> str:
             raise BundleWriteError(
                 f"graph {model.graph.name!r} uses {node.domain}.{node.op_type}, whose minimum onnxruntime "
                 "version is not recorded; add it to MIN_ONNXRUNTIME_FOR_OPS")
-    return max(needed, key=_version_key)
+    return max(needed, key=version_key)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

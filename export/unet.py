@@ -7,7 +7,7 @@ from torch import nn
 
 from pathlib import Path
 
-from emu_edge.export.vision import _to_proto
+from emu_edge.export.vision import _to_proto, load_folder
 
 
 class _UNetGraph(nn.Module):
@@ -44,13 +44,7 @@ def export_unet(folder: str | Path, writer, n_query: int) -> dict:
     """A diffusers UNet2DConditionModel folder -> unet.onnx in `writer`."""
     from diffusers import UNet2DConditionModel
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'config.json'} does not exist (expected a UNet2DConditionModel folder)")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(folder)).float().eval()
-    except Exception as e:  # diffusers raises several types for a bad folder
-        raise ValueError(f"{folder} does not load as a UNet2DConditionModel: {e}") from e
+    unet = load_folder(UNet2DConditionModel, folder)
     c = unet.config
     print(f"  unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {c.sample_size}px, "
           f"conditioned on {n_query} x {c.cross_attention_dim}")

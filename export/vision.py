@@ -53,6 +53,17 @@ def build_vision(encoder, image_size: int, n_query: int, frame_n_query: int, max
     return model, profiles
 
 
+def load_folder(cls, folder: str | Path):
+    """`cls.from_pretrained(folder)` in fp32 eval mode, with errors that name the folder."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'config.json'} does not exist (expected a {cls.__name__} folder)")
+    try:
+        return cls.from_pretrained(str(folder)).float().eval()
+    except Exception as e:  # transformers and diffusers raise several types for a bad folder
+        raise ValueError(f"{folder} does not load as a {cls.__name__}: {e}") from e
+
+
 def export_vision(folder: str | Path, writer, n_query: int, frame_n_query: int) -> dict:
     """A transformers CLIPVisionModel folder -> vision_encoder.onnx in `writer`; returns the
     ModelSpec fields it defines. The pooling (drop the class token, post-LN, mean-pool the
@@ -62,13 +73,7 @@ def export_vision(folder: str | Path, writer, n_query: int, frame_n_query: int) 
     from emu_edge.training.config import EmuConfig
     from emu_edge.training.model import VisionEncoder
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'config.json'} does not exist (expected a CLIPVisionModel folder)")
-    try:
-        vision = CLIPVisionModel.from_pretrained(str(folder)).float().eval()
-    except Exception as e:  # transformers raises several types for a bad folder
-        raise ValueError(f"{folder} does not load as a CLIPVisionModel: {e}") from e
+    vision = load_folder(CLIPVisionModel, folder)
     c = vision.config
     cfg = EmuConfig(image_size=c.image_size, patch_size=c.patch_size, vision_hidden=c.hidden_size,
                     n_query=n_query, frame_n_query=frame_n_query).validate()

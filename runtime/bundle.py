@@ -17,7 +17,7 @@ class BundleError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -25,7 +25,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _version_key(version: str) -> tuple[int, ...]:
+def version_key(version: str) -> tuple[int, ...]:
     parts = []
     for p in version.split(".")[:3]:
         digits = "".join(c for c in p if c.isdigit())  # "1.20.0rc1" -> 1, 20, 0
@@ -60,7 +60,7 @@ class Bundle:
             onnxruntime_version = installed()
         if onnxruntime_version is not None:
             for name, graph in manifest.graphs.items():
-                if _version_key(onnxruntime_version) < _version_key(graph.min_onnxruntime):
+                if version_key(onnxruntime_version) < version_key(graph.min_onnxruntime):
                     raise BundleError(
                         f"{graph.file} (IR {graph.ir_version}, opset {graph.opset}, domains "
                         f"{', '.join(graph.domains)}) needs onnxruntime >= {graph.min_onnxruntime}; "
@@ -75,7 +75,7 @@ class Bundle:
             file_path = root / file
             if not file_path.is_file():
                 raise BundleError(f"{file_path} (graph {name!r}) is missing from the bundle; re-export it")
-            if verify and _sha256(file_path) != sha256:
+            if verify and sha256_file(file_path) != sha256:
                 raise BundleError(
                     f"{file_path} does not match the sha256 recorded in {MANIFEST_FILE}: the file was "
                     "changed or corrupted after export. Re-export the bundle (bundles are immutable; "
