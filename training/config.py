@@ -39,8 +39,9 @@ class EmuConfig:
     cfg_drop: float = 0.1
     # Training (per stage; --steps on the command line overrides `steps`).
     batch_size: int = 32
-    steps: dict[str, int] = field(default_factory=lambda: {"1": 2000, "2": 2400, "3": 900, "4": 1400})
-    lr: dict[str, float] = field(default_factory=lambda: {"1": 2e-3, "2": 2e-3, "3": 1e-3, "4": 1e-3})
+    steps: dict[str, int] = field(default_factory=lambda: {"1": 1500, "2": 2000, "3": 800, "4": 1200})
+    lr: dict[str, float] = field(default_factory=lambda: {"1": 2e-3, "2": 1e-3, "3": 1e-3, "4": 1e-3})
+    encoder_lr: float = 5e-4  # peak for the vision encoder (it trains in stage 1 only)
     warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
