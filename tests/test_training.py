@@ -139,3 +139,30 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     run(sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "half"), "4")
     half = _weights(tmp_path / "half")
     assert max(float((one[k] - half[k]).abs().max()) for k in one) > 100 * max(worst, 1e-6)
+
+
+EVAL_KEYS = ("caption_accuracy", "vqa_accuracy", "digit_accuracy", "t2i_attribute_accuracy", "t2i_shuffled_baseline",
+             "judge_accuracy", "autoencode_similarity", "video_accuracy", "fewshot_accuracy", "chat_accuracy",
+             "subject_accuracy")
+
+
+def test_eval_writes_every_metric_and_reproduces_itself(tiny_checkpoint, tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    for out in (first, second):
+        assert main(["eval", str(tiny_checkpoint), "--scale", "0.03", "--steps", "4", "--json", str(out)]) == 0
+    metrics = json.loads(first.read_text())
+    for key in EVAL_KEYS:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert first.read_text() == second.read_text()
+
+
+def test_ship_writes_fp16_weights_and_generation_defaults(tiny_checkpoint, tmp_path):
+    from emu_edge.training.ship import ship
+
+    out = ship(tiny_checkpoint, tmp_path / "shipped", generation={"guidance": 2.5})
+    unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(t.dtype == torch.float16 for t in unet.values())
+    assert json.loads((out / "emu.json").read_text())["generation_defaults"]["guidance"] == 2.5
+    assert not (out / "steps").exists() and (out / "judge.onnx").exists()
+    model, _, _ = load_checkpoint(out)  # loads back as fp32
+    assert next(model.unet.parameters()).dtype == torch.float32

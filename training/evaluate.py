@@ -39,9 +39,15 @@ def _one_object(samples, n):
     return picked[:n]
 
 
-def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int = 25, guidance: float = 3.0) -> dict:
+def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None = None,
+             guidance: float | None = None, split: str = "test") -> dict:
+    """The metrics of issue 2 on `split` (val is for tuning generation settings, test for
+    reporting). steps/guidance default to the checkpoint's generation defaults."""
     torch.manual_seed(0)
     model, tokenizer, cfg = load_checkpoint(path)
+    defaults = json.loads((Path(path) / "emu.json").read_text())["generation_defaults"]
+    steps = defaults["steps"] if steps is None else steps
+    guidance = defaults["guidance"] if guidance is None else guidance
     judge_file = Path(path) / "judge.onnx"
     if not judge_file.exists():
         raise CheckpointError(f"checkpoint file missing: {judge_file}")
@@ -60,17 +66,17 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int = 25, g
         return hits / len(samples)
 
     log("text tasks")
-    results["caption_accuracy"] = text_accuracy("captioning", data.captioning("test", n["captioning"], size=size))
-    results["vqa_accuracy"] = text_accuracy("vqa", data.vqa("test", n["vqa"], size=size))
+    results["caption_accuracy"] = text_accuracy("captioning", data.captioning(split, n["captioning"], size=size))
+    results["vqa_accuracy"] = text_accuracy("vqa", data.vqa(split, n["vqa"], size=size))
     # A digit counts when the caption names the right digit (its last word).
     results["digit_accuracy"] = text_accuracy(
-        "digits", data.digits("test", n["digits"], size=size),
+        "digits", data.digits(split, n["digits"], size=size),
         correct=lambda got, want: got.split()[-1:] == want.split()[-1:])
-    results["video_accuracy"] = text_accuracy("video", data.video("test", n["video"], size=size))
-    results["fewshot_accuracy"] = text_accuracy("fewshot", data.fewshot("test", n["fewshot"], size=size))
+    results["video_accuracy"] = text_accuracy("video", data.video(split, n["video"], size=size))
+    results["fewshot_accuracy"] = text_accuracy("fewshot", data.fewshot(split, n["fewshot"], size=size))
     # Chat: every turn is scored, with the true earlier turns as its history.
     turns = []
-    for s in data.chat("test", n["chat"], size=size):
+    for s in data.chat(split, n["chat"], size=size):
         for i, seg in enumerate(s.segments):
             if seg.kind == "answer":
                 turns.append(data.Sample(s.task, s.segments[: i + 1], s.meta))
@@ -78,7 +84,7 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int = 25, g
 
     log("images")
     sample_kw = dict(steps=steps, guidance=guidance, seed=0, scheduler="ddim")
-    t2i = _one_object(data.text_to_image("test", 4 * n["text_to_image"], size=size), n["text_to_image"])
+    t2i = _one_object(data.text_to_image(split, 4 * n["text_to_image"], size=size), n["text_to_image"])
     cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
                                                                if k.kind == "text"]) for s in t2i])
     images = gen.sample_images(model, cond, **sample_kw)
@@ -90,7 +96,7 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int = 25, g
     results["t2i_shuffled_baseline"] = float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
     log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} (shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
 
-    subj = data.subject("test", n["subject"], size=size)
+    subj = data.subject(split, n["subject"], size=size)
     cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
                                                                if k.kind != "target_image"]) for s in subj])
     verdict = judge(gen.sample_images(model, cond, **sample_kw))
@@ -100,8 +106,8 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int = 25, g
     log(f"  subject-driven: {results['subject_accuracy']:.3f}")
 
     # The judge on held-out ground truth: one-object renders and test digits.
-    truth = _one_object(data.text_to_image("test", 4 * n["judge"], size=size), n["judge"] // 2)
-    digits = data.digits("test", n["judge"] // 2, size=size)
+    truth = _one_object(data.text_to_image(split, 4 * n["judge"], size=size), n["judge"] // 2)
+    digits = data.digits(split, n["judge"] // 2, size=size)
     v_obj = judge(np.stack([s.segments[-1].value for s in truth]))
     v_dig = judge(np.stack([s.segments[0].value for s in digits]))
     hits = [(c, sh) == (s.meta["colour"], s.meta["shape"]) for c, sh, s in zip(v_obj["colour"], v_obj["shape"], truth)]
@@ -109,14 +115,15 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int = 25, g
     results["judge_accuracy"] = float(np.mean(hits))
 
     originals = np.stack([s.segments[0].value for s in
-                          _one_object(data.captioning("test", 4 * n["autoencode"], size=size), n["autoencode"])])
+                          _one_object(data.captioning(split, 4 * n["autoencode"], size=size), n["autoencode"])])
     recon = gen.autoencode(model, originals, **sample_kw)
     results["autoencode_similarity"] = float(np.mean(Judge.cosine(judge(originals)["features"], judge(recon)["features"])))
     log(f"  autoencode similarity: {results['autoencode_similarity']:.3f}; judge: {results['judge_accuracy']:.3f}")
 
     out = {k: round(v, 4) for k, v in results.items()}
     out["samples"] = {k: v for k, v in n.items()}
-    out["generation"] = sample_kw | {"guidance": guidance}
+    out["generation"] = sample_kw
+    out["split"] = split
     return out
 
 
@@ -124,11 +131,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (emu.json, llm/, vision/, unet/, ...)")
     parser.add_argument("--json", help="write the metrics to this file")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default test-set sizes")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="test (report) or val (tune generation settings on it, not on test)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the checkpoint's)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        metrics = evaluate(args.checkpoint, scale=args.scale, log=lambda *a: print(*a, file=sys.stderr))
+        metrics = evaluate(args.checkpoint, scale=args.scale, log=lambda *a: print(*a, file=sys.stderr),
+                           steps=args.steps, guidance=args.guidance, split=args.split)
     except CheckpointError as e:
         raise SystemExit(f"emu-edge eval: {e}")
     text = json.dumps(metrics, indent=2) + "\n"
