@@ -166,3 +166,16 @@ def test_ship_writes_fp16_weights_and_generation_defaults(tiny_checkpoint, tmp_p
     assert not (out / "steps").exists() and (out / "judge.onnx").exists()
     model, _, _ = load_checkpoint(out)  # loads back as fp32
     assert next(model.unet.parameters()).dtype == torch.float32
+
+
+def test_ship_from_an_unfinished_run_says_where_it_stopped(tmp_path):
+    from emu_edge.training.ship import ship
+
+    run = tmp_path / "run"
+    train(_tiny(4, save_every=2), run, ["1", "2"], stop_after=6, judge=False, progress=False)
+    out = ship(run, tmp_path / "shipped")
+    training = json.loads((out / "emu.json").read_text())["training"]
+    assert training == {"last_step": "2-000002", "complete": False, "planned_steps": {"1": 4, "2": 4, "3": 4, "4": 4}}
+    weights = _weights(run)
+    model, _, _ = load_checkpoint(out)
+    torch.testing.assert_close(model.unet.conv_in.weight, weights["unet.conv_in.weight"].half().float())

@@ -48,7 +48,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "steps": 25, "guidance": 3.0, "scheduler": "ddim"}
 
 
-def emu_json(model, cfg: EmuConfig, generation: dict | None = None) -> dict:
+def emu_json(model, cfg: EmuConfig, generation: dict | None = None, training: dict | None = None) -> dict:
     return {
         "format": "emu-edge-checkpoint",
         "version": 1,
@@ -64,11 +64,12 @@ def emu_json(model, cfg: EmuConfig, generation: dict | None = None) -> dict:
         "unconditional_embedding": {"kind": "zeros"},
         "scheduler": {k: v for k, v in model.scheduler.config.items() if not k.startswith("_")},
         "generation_defaults": {**GENERATION_DEFAULTS, **(generation or {})},
+        "training": training or {},
     }
 
 
 def save_checkpoint(model, tokenizer, cfg: EmuConfig, out: str | Path, dtype=torch.float32,
-                    generation: dict | None = None) -> Path:
+                    generation: dict | None = None, training: dict | None = None) -> Path:
     """Write the weights-only checkpoint; each component goes to a temporary folder first."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def save_checkpoint(model, tokenizer, cfg: EmuConfig, out: str | Path, dtype=tor
                for p in ("project_up", "project_down") for k, v in getattr(model, p).state_dict().items()}
     save_file(tensors, str(tmp / "projections.safetensors"))
     tokenizer.save(str(tmp / "tokenizer.json"))
-    (tmp / EMU_JSON).write_text(json.dumps(emu_json(model, cfg, generation), indent=2))
+    (tmp / EMU_JSON).write_text(json.dumps(emu_json(model, cfg, generation, training), indent=2))
     for name in (*COMPONENTS, "projections.safetensors", "tokenizer.json", EMU_JSON):
         src, dst = tmp / name, out / name
         if src.is_dir():

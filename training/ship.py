@@ -3,26 +3,61 @@
     python -m emu_edge.training.ship runs/small models/emu-edge-small
 
 No step folders, metrics or plots: those stay with the run. The eval then runs on exactly
-what ships (fp16 weights, loaded back as fp32).
+what ships (fp16 weights, loaded back as fp32). A run that has not finished ships from its
+last complete step folder, and emu.json says which step that was ("training").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from emu_edge.training.checkpoint import load_checkpoint, save_checkpoint
+from emu_edge.training.checkpoint import (CheckpointError, latest_step, load_checkpoint, load_step,
+                                          save_checkpoint)
+
+
+def load_run(src: Path):
+    """(model, tokenizer, cfg, training info) of a run folder: its final checkpoint, or
+    its last complete step when it has not finished."""
+    from tokenizers import Tokenizer
+
+    from emu_edge.training.config import EmuConfig
+    from emu_edge.training.model import EmuModel
+    from emu_edge.training.tokenizer import special_token_ids
+
+    step = latest_step(src) if (src / "steps").is_dir() else None
+    state = json.loads((step / "state.json").read_text()) if step else {}
+    finished = (src / "emu.json").is_file() and (step is None or state.get("stage_done")
+                                                  and state["stage"] == max(state.get("stages", [state["stage"]])))
+    if finished:
+        model, tokenizer, cfg = load_checkpoint(src)
+        return model, tokenizer, cfg, {"last_step": step.name if step else None, "complete": True}
+    if step is None:
+        raise CheckpointError(f"{src} has neither a checkpoint (emu.json) nor a complete step folder")
+    cfg = EmuConfig.from_dict(json.loads((src / "train_config.json").read_text()))
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    cfg.vocab_size = tokenizer.get_vocab_size()
+    model = EmuModel(cfg, special_token_ids(tokenizer))
+    load_step(step, model)
+    return model.eval(), tokenizer, cfg, {"last_step": step.name, "complete": False,
+                                          "planned_steps": cfg.steps}
 
 
 def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, generation: dict | None = None) -> Path:
     """generation: defaults to record in emu.json (e.g. a guidance scale chosen on val)."""
     src, dst = Path(src), Path(dst)
-    model, tokenizer, cfg = load_checkpoint(src)
-    save_checkpoint(model, tokenizer, cfg, dst, dtype=dtype, generation=generation)
-    shutil.copyfile(src / "judge.onnx", dst / "judge.onnx")
+    model, tokenizer, cfg, training = load_run(src)
+    save_checkpoint(model, tokenizer, cfg, dst, dtype=dtype, generation=generation, training=training)
+    if (src / "judge.onnx").is_file():
+        shutil.copyfile(src / "judge.onnx", dst / "judge.onnx")
+    else:  # an unfinished run has not trained its judge yet (it does so last)
+        from emu_edge.training.judge import train_judge
+
+        train_judge(cfg, dst / "judge.onnx")
     size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     print(f"shipped {src} -> {dst} ({size / 1e6:.1f} MB, {dtype})")
     return dst

@@ -281,7 +281,9 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
 
 def _finish(model, tokenizer, cfg, out, rank, judge) -> Path:
     if rank == 0:
-        ckpt.save_checkpoint(model, tokenizer, cfg, out)
+        step = ckpt.latest_step(out)
+        ckpt.save_checkpoint(model, tokenizer, cfg, out,
+                             training={"last_step": step.name if step else None, "complete": True})
         if judge and not (out / "judge.onnx").exists():
             from emu_edge.training.judge import train_judge
 
