@@ -14,11 +14,15 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("emu_edge.training.evaluate", "evaluate a checkpoint on the held-out test split"),
     "export": ("emu_edge.export.cli", "export a checkpoint to an ONNX bundle"),
     "export-hf": ("emu_edge.export.hf_cli", "export Hugging Face folders (LLM, vision, U-Net) to a bundle"),
+    "calibrate": ("emu_edge.calibration.cli", "record each graph's real inputs on a calibration folder"),
+    "quantize": ("emu_edge.calibration.cli", "write an INT8 / INT4 / FP16 bundle with an accuracy report"),
+    "build-engines": ("emu_edge.export.engines_cli", "build TensorRT engines of a bundle into the engine cache"),
     "caption": ("emu_edge.runtime.cli", "caption an image"),
     "ask": ("emu_edge.runtime.cli", "answer a question about an image"),
     "chat": ("emu_edge.runtime.cli", "chat about images, interactively"),
     "generate": ("emu_edge.runtime.cli", "generate an image from a prompt"),
     "demo": ("emu_edge.runtime.demo", "run the demo on the shipped model"),
+    "bench": ("emu_edge.runtime.bench", "measure a bundle's latency, throughput and memory on this device"),
 }
 
 

@@ -10,6 +10,7 @@ the extra to install.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,11 @@ class OnnxBackend:
                     f"({ort.__version__}) offers only {', '.join(available)}. Install 'emu-edge[gpu]' "
                     "(onnxruntime-gpu, not alongside onnxruntime) or use device='cpu'.")
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            if "TensorrtExecutionProvider" in available and os.environ.get("EMU_EDGE_ORT_TENSORRT", "1") != "0":
+                # TensorRT first where it can take the graph, engines and timings cached.
+                from emu_edge.runtime.tensorrt import ort_tensorrt_provider
+
+                providers.insert(0, ort_tensorrt_provider(path, device_id))
         else:
             providers = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
@@ -99,8 +105,9 @@ def create_backend(path: str | Path, backend: str = "onnxruntime", device: str =
     if backend == "onnxruntime":
         return OnnxBackend(path, device=device, threads=threads, device_id=device_id)
     if backend == "tensorrt":
-        # The TensorRT backend (engines from the decoder's "standard" variant, cached by
-        # TensorRT version, GPU, precision and ONNX sha256) plugs in here.
-        raise BackendError("backend='tensorrt' is not available in this version of emu-edge; "
-                           "use backend='onnxruntime' (device='cuda' for the GPU)")
+        if device != "cuda":
+            raise BackendError("backend='tensorrt' runs on the GPU: use device='cuda' (or backend='onnxruntime')")
+        from emu_edge.runtime.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(path, device_id=device_id)
     raise BackendError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

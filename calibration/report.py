@@ -1,0 +1,407 @@
+"""The accuracy (and speed) report of a quantized bundle against its FP32 source.
+
+Everything runs through the torch-free runtime, both bundles side by side in one process:
+
+    graphs.<name>.cosine / rel_error   each changed graph on held-out calibration samples
+                                       (the worst output; per output under .outputs)
+    token_agreement                    greedy tokens identical to FP32, position by position,
+                                       over test-split prompts (captioning + VQA, or text
+                                       prompts for a text-only bundle)
+    caption_accuracy, vqa_accuracy     exact-match answers on the test split, as `emu-edge eval`
+    t2i_attribute_accuracy             colour and shape of generated one-object images, by the
+                                       bundle's judge graph
+    image_similarity                   judge-feature cosine to the FP32 images of the same seeds
+    fp32.<metric>                      the FP32 bundle's value of each metric, measured here
+    speed                              per-graph latency and decode tokens/s, FP32 and variant,
+                                       measured alternately in the same run
+    targets                            the issue's targets, each with its verdict
+
+`format_table` renders the same report as a readable table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emu_edge import data
+from emu_edge.calibration import sensitivity
+from emu_edge.calibration.calibrate import Calibration
+from emu_edge.runtime.bundle import Bundle
+from emu_edge.runtime.pipeline import Pipeline
+from emu_edge.runtime.sampling import Sampler, SamplingConfig
+
+# Greedy-token agreement targets by decoder precision (the issue's), and how far caption
+# and VQA accuracy may fall below FP32.
+TOKEN_AGREEMENT_TARGET = {"int8": 0.95, "int4": 0.85, "fp16": 0.95, "fp32": 0.95}
+ACCURACY_DROP_LIMIT = 0.02
+
+
+@dataclass
+class ReportSettings:
+    captions: int = 200         # test-split captioning prompts (as emu-edge eval)
+    vqa: int = 200              # test-split VQA prompts
+    t2i: int = 64               # one-object text-to-image prompts
+    text_prompts: int = 64      # for text-only bundles
+    max_new_tokens: int = 32
+    steps: int = 25             # denoising steps of the image metrics (as emu-edge eval)
+    guidance: float = 3.0
+    batch: int = 16
+    speed_repeats: int = 5
+    threads: int | None = None
+
+
+def build_report(fp32_path: str | Path, variant_path: str | Path, calibration: Calibration | str | Path | None,
+                 settings: ReportSettings | None = None, quantization: dict | None = None, log=print) -> dict:
+    settings = settings or ReportSettings()
+    fp32_bundle, variant_bundle = Bundle.open(fp32_path), Bundle.open(variant_path)
+    if isinstance(calibration, (str, Path)):
+        calibration = Calibration.load(calibration)
+    precisions = {n: g.precision for n, g in variant_bundle.manifest.graphs.items()}
+    report: dict = {
+        "fp32_bundle": str(Path(fp32_path).resolve()), "variant_bundle": str(Path(variant_path).resolve()),
+        "precisions": precisions, "graphs": {}, "fp32": {},
+    }
+    log("graphs on held-out calibration samples")
+    report["graphs"] = _graph_metrics(fp32_bundle, variant_bundle, calibration, quantization or {}, settings, log)
+    fp32_pipe = Pipeline.load(fp32_bundle, threads=settings.threads)
+    variant_pipe = Pipeline.load(variant_bundle, threads=settings.threads)
+    if fp32_pipe.is_multimodal:
+        log("text: captioning and VQA on the test split")
+        report.update(_multimodal_text(fp32_pipe, variant_pipe, settings, report["fp32"]))
+        if fp32_bundle.has_graph("judge") and fp32_bundle.has_graph("unet"):
+            log("images: text-to-image on the test split, scored by the judge")
+            report.update(_images(fp32_pipe, variant_pipe, fp32_bundle, settings, report["fp32"]))
+    else:
+        log("text: test-split prompts")
+        report.update(_text_only(fp32_pipe, variant_pipe, settings))
+    log("speed, FP32 and variant alternately")
+    report["speed"] = _speed(fp32_pipe, variant_pipe, report["graphs"], calibration, fp32_bundle, variant_bundle,
+                             settings)
+    report["targets"] = _targets(report, precisions.get("decoder", "fp32"))
+    report["targets_met"] = all(t["met"] for t in report["targets"].values())
+    report["suggestions"] = _suggestions(report, quantization or {})
+    return report
+
+
+# -- graphs --------------------------------------------------------------------------------
+
+
+def _graph_metrics(fp32_bundle, variant_bundle, calibration, quantization, settings, log) -> dict:
+    out = {}
+    for name, spec in variant_bundle.manifest.graphs.items():
+        source = fp32_bundle.manifest.graphs.get(name)
+        entry = {"precision": spec.precision,
+                 "size_mb": {"fp32": _size_mb(fp32_bundle, name), "variant": _size_mb(variant_bundle, name)}}
+        if name in quantization:
+            entry["quantization"] = quantization[name]
+        if source is not None and source.sha256 == spec.sha256:
+            entry.update(identical=True, cosine=1.0, rel_error=0.0)
+            out[name] = entry
+            continue
+        if calibration is None or name not in calibration.graphs:
+            entry["note"] = "no calibration samples of this graph: not measured"
+            out[name] = entry
+            continue
+        samples = calibration.samples(name, heldout=True)
+        entry["samples"] = "held out"
+        if not samples:
+            samples = calibration.samples(name)
+            entry["samples"] = "calibration (the calibration set has no held-out requests)"
+        fp32_sess = sensitivity.session(str(fp32_bundle.graph_path(name)), settings.threads)
+        variant_sess = sensitivity.session(str(variant_bundle.graph_path(name)), settings.threads)
+        errors = sensitivity.graph_error(fp32_sess, variant_sess, samples)
+        worst = sensitivity.worst(errors)
+        entry.update(worst.to_dict())
+        entry["n_samples"] = len(samples)
+        entry["outputs"] = {k: v.to_dict() for k, v in errors.items()}
+        log(f"  {name} ({spec.precision}): cosine {worst.cosine:.5f}, relative error {worst.rel_error:.5f} "
+            f"on {len(samples)} samples")
+        out[name] = entry
+    return out
+
+
+def _size_mb(bundle: Bundle, name: str) -> float | None:
+    if not bundle.has_graph(name):
+        return None
+    spec = bundle.manifest.graphs[name]
+    files = [spec.file] + [e["file"] for e in spec.external_data]
+    return round(sum((bundle.path / f).stat().st_size for f in files) / 1e6, 3)
+
+
+# -- text ----------------------------------------------------------------------------------
+
+
+def _greedy(pipe: Pipeline, prompts: list[list], batch: int, max_new_tokens: int) -> list[list[int]]:
+    """Greedy new tokens (EOS included) of each prompt, `batch` prompts per call."""
+    eos = pipe.manifest.model.eos_ids()
+    out = []
+    for i in range(0, len(prompts), batch):
+        encoded = [pipe.encode_items(items, "text") for items in prompts[i:i + batch]]
+        visual = pipe.encode_visuals([v for e in encoded for v in e.visuals])
+        out += pipe.generate([e.ids for e in encoded], max_new_tokens, Sampler(SamplingConfig()), eos, visual)
+    return out
+
+
+def _agreement(want: list[list[int]], got: list[list[int]]) -> float:
+    """Positions where the variant's greedy token equals FP32's, over the longer of the two
+    sequences of each prompt (a sequence that stops early counts its missing tokens as misses)."""
+    same = sum(sum(a == b for a, b in zip(w, g)) for w, g in zip(want, got))
+    total = sum(max(len(w), len(g)) for w, g in zip(want, got))
+    return same / max(total, 1)
+
+
+def _decode(pipe: Pipeline, ids: list[int]) -> str:
+    eos = set(pipe.manifest.model.eos_ids())
+    return pipe.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True).strip()
+
+
+def _answer(sample) -> str:
+    return [s.value for s in sample.segments if s.kind == "answer"][-1]
+
+
+def _items(sample) -> list:
+    last = max(i for i, s in enumerate(sample.segments) if s.kind == "answer")
+    return [s.value for s in sample.segments[:last]]
+
+
+def _multimodal_text(fp32_pipe: Pipeline, variant_pipe: Pipeline, s: ReportSettings, fp32: dict) -> dict:
+    size = fp32_pipe.manifest.model.image_size
+    tasks = {"caption_accuracy": data.captioning("test", s.captions, size=size),
+             "vqa_accuracy": data.vqa("test", s.vqa, size=size)}
+    out, want_all, got_all = {}, [], []
+    for metric, samples in tasks.items():
+        prompts = [_items(x) for x in samples]
+        want = _greedy(fp32_pipe, prompts, s.batch, s.max_new_tokens)
+        got = _greedy(variant_pipe, prompts, s.batch, s.max_new_tokens)
+        answers = [_answer(x) for x in samples]
+        fp32[metric] = round(float(np.mean([_decode(fp32_pipe, w) == a for w, a in zip(want, answers)])), 4)
+        out[metric] = round(float(np.mean([_decode(variant_pipe, g) == a for g, a in zip(got, answers)])), 4)
+        want_all += want
+        got_all += got
+    out["token_agreement"] = round(_agreement(want_all, got_all), 4)
+    out["token_agreement_prompts"] = len(want_all)
+    out["token_agreement_tokens"] = sum(len(w) for w in want_all)
+    return out
+
+
+def text_prompts(pipe: Pipeline, n: int) -> tuple[list[list[int]], str]:
+    """Token prompts for a text-only bundle: test-split captions through its tokenizer,
+    or seeded random ids where the tokenizer does not cover the caption grammar."""
+    captions = [_answer(x) for x in data.captioning("test", n)]
+    rows = [pipe.tokenizer.encode(c).ids for c in captions]
+    if all(len(set(r)) > 2 for r in rows):
+        return rows, "test-split captions"
+    vocab = pipe.manifest.model.vocab_size
+    rng = np.random.default_rng(0)
+    special = set(pipe.manifest.model.special_tokens.values()) | set(pipe.manifest.model.eos_ids())
+    pool = np.array([t for t in range(vocab) if t not in special])
+    return [rng.choice(pool, size=12).tolist() for _ in range(n)], "random token ids (tokenizer lacks the caption words)"
+
+
+def _text_only(fp32_pipe: Pipeline, variant_pipe: Pipeline, s: ReportSettings) -> dict:
+    rows, kind = text_prompts(fp32_pipe, s.text_prompts)
+    want, got = [], []
+    for i in range(0, len(rows), s.batch):
+        chunk = rows[i:i + s.batch]
+        want += fp32_pipe.generate_ids(chunk, s.max_new_tokens, ignore_eos=True)
+        got += variant_pipe.generate_ids(chunk, s.max_new_tokens, ignore_eos=True)
+    return {"token_agreement": round(_agreement(want, got), 4), "token_agreement_prompts": len(rows),
+            "token_agreement_tokens": sum(len(w) for w in want), "token_agreement_prompt_kind": kind}
+
+
+# -- images --------------------------------------------------------------------------------
+
+
+def t2i_prompts(n: int, size: int) -> list:
+    """One-object test-split prompts, as `emu-edge eval` picks them."""
+    return [x for x in data.text_to_image("test", 4 * n, size=size) if len(x.meta["scene"].objects) == 1][:n]
+
+
+def _images(fp32_pipe: Pipeline, variant_pipe: Pipeline, bundle: Bundle, s: ReportSettings, fp32: dict) -> dict:
+    from emu_edge.runtime.judge import Judge
+
+    judge = Judge(bundle.graph_path("judge"))
+    samples = t2i_prompts(s.t2i, fp32_pipe.manifest.model.image_size)
+    prompts = [[x.segments[0].value] for x in samples]
+    kwargs = dict(steps=s.steps, guidance=s.guidance, scheduler="ddim", seed=0)
+    # One batch, seed 0: the same noise per prompt in both bundles, as emu-edge eval draws it.
+    want = np.stack([np.asarray(im) for im in fp32_pipe.generate_image_batch(prompts, **kwargs)])
+    got = np.stack([np.asarray(im) for im in variant_pipe.generate_image_batch(prompts, **kwargs)])
+
+    def judged(images):
+        if images.shape[1] != judge.image_size:
+            from PIL import Image
+
+            images = np.stack([np.asarray(Image.fromarray(im).resize((judge.image_size,) * 2)) for im in images])
+        return judge(images)
+
+    v_want, v_got = judged(want), judged(got)
+    truth = [(x.meta["colour"], x.meta["shape"]) for x in samples]
+
+    def accuracy(v):
+        return round(float(np.mean([(c, sh) == t for c, sh, t in zip(v["colour"], v["shape"], truth)])), 4)
+
+    fp32["t2i_attribute_accuracy"] = accuracy(v_want)
+    return {
+        "t2i_attribute_accuracy": accuracy(v_got),
+        "t2i_prompts": len(samples),
+        "image_similarity": round(float(np.mean(Judge.cosine(v_want["features"], v_got["features"]))), 4),
+        "image_pixel_mae": round(float(np.abs(want.astype(np.int16) - got.astype(np.int16)).mean()), 3),
+    }
+
+
+# -- speed ---------------------------------------------------------------------------------
+
+
+def _speed(fp32_pipe, variant_pipe, graphs: dict, calibration, fp32_bundle, variant_bundle, s: ReportSettings) -> dict:
+    out: dict = {"graphs_ms": {}}
+    for name, entry in graphs.items():
+        # The decoder is measured in tokens/s below: a plain call copies the whole KV cache
+        # in and out, which the runtime's bound, in-place loop never does.
+        if entry.get("identical") or calibration is None or name not in calibration.graphs or name in (
+                "judge", "decoder"):
+            continue
+        samples = calibration.samples(name, heldout=True) or calibration.samples(name)
+        samples = samples[:: max(1, len(samples) // 8)]
+        fp32_ms, variant_ms = latency_pair(str(fp32_bundle.graph_path(name)), str(variant_bundle.graph_path(name)),
+                                           samples, s.speed_repeats, s.threads)
+        out["graphs_ms"][name] = {"fp32": round(fp32_ms, 4), "variant": round(variant_ms, 4),
+                                  "speedup": round(fp32_ms / variant_ms, 3)}
+    a, b = decode_speed_pair(fp32_pipe, variant_pipe, repeats=s.speed_repeats)
+    out["decode_tokens_per_s"] = {"fp32": round(a, 1), "variant": round(b, 1), "speedup": round(b / a, 3)}
+    return out
+
+
+def latency_pair(fp32_graph: str, variant_graph: str, samples: list[dict], repeats: int = 5,
+                 threads: int | None = None) -> tuple[float, float]:
+    """Median milliseconds per call of two graphs on the same samples, measured in
+    alternating rounds so that both see the same machine state."""
+    sessions = [sensitivity.session(fp32_graph, threads), sensitivity.session(variant_graph, threads)]
+    feeds = [[sensitivity._cast_feeds(sess, f) for f in samples] for sess in sessions]
+    names = [sensitivity.compared_outputs(sess) for sess in sessions]
+    for sess, fs, ns in zip(sessions, feeds, names):  # warm-up
+        sess.run(ns, fs[0])
+    times: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for k, (sess, fs, ns) in enumerate(zip(sessions, feeds, names)):
+            start = time.perf_counter()
+            for f in fs:
+                sess.run(ns, f)
+            times[k].append((time.perf_counter() - start) * 1e3 / len(fs))
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def decode_speed_pair(fp32_pipe: Pipeline, variant_pipe: Pipeline, new_tokens: int = 64,
+                      repeats: int = 5) -> tuple[float, float]:
+    """Greedy decode tokens per second (a 16-token prompt's prefill excluded) of two
+    pipelines, alternating, best of `repeats`."""
+    from emu_edge.calibration.bench import decode_tokens_per_s, prompt_ids
+
+    prompt = prompt_ids(fp32_pipe, 16)
+    best = [0.0, 0.0]
+    for _ in range(repeats):
+        for k, pipe in enumerate((fp32_pipe, variant_pipe)):
+            best[k] = max(best[k], decode_tokens_per_s(pipe, prompt, new_tokens))
+    return best[0], best[1]
+
+
+# -- verdicts ------------------------------------------------------------------------------
+
+
+def _targets(report: dict, decoder_precision: str) -> dict:
+    targets = {}
+    if "token_agreement" in report:
+        need = TOKEN_AGREEMENT_TARGET.get(decoder_precision, 0.95)
+        targets["token_agreement"] = {"target": f">= {need}", "value": report["token_agreement"],
+                                      "met": report["token_agreement"] >= need}
+    for metric in ("caption_accuracy", "vqa_accuracy"):
+        if metric in report:
+            floor = round(report["fp32"][metric] - ACCURACY_DROP_LIMIT, 4)
+            targets[metric] = {"target": f">= {floor} (FP32 {report['fp32'][metric]} - 2 points)",
+                               "value": report[metric], "met": report[metric] >= floor - 1e-9}
+    speed = report.get("speed", {})
+    quantized = [n for n, p in report["precisions"].items() if p in ("int8", "int4")]
+    for name in quantized:
+        if name in speed.get("graphs_ms", {}):
+            ms = speed["graphs_ms"][name]
+            targets[f"{name}_faster"] = {"target": "variant faster than FP32", "value": ms["speedup"],
+                                         "met": ms["speedup"] > 1.0}
+    if "decoder" in quantized and "decode_tokens_per_s" in speed:
+        d = speed["decode_tokens_per_s"]
+        targets["decode_faster"] = {"target": "more tokens/s than FP32", "value": d["speedup"], "met": d["speedup"] > 1.0}
+    return targets
+
+
+def _suggestions(report: dict, quantization: dict) -> list[str]:
+    out = []
+    missed = [k for k, t in report["targets"].items() if not t["met"]]
+    if not missed:
+        return out
+    for name, entry in report["graphs"].items():
+        q = quantization.get(name, {})
+        nodes = [n["node"] for n in q.get("most_sensitive_nodes", [])[:4]]
+        already = set(q.get("excluded_nodes", []))
+        nodes = [n for n in nodes if n not in already]
+        if nodes and entry.get("rel_error", 0) > 0:
+            kept = ",".join(sorted(already | set(nodes)))
+            out.append(f"{name}: keep its most error-adding nodes in float with --exclude '{name}:{kept}'")
+    out.append(f"targets missed: {', '.join(missed)}")
+    return out
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def write_report(report: dict, path: str | Path) -> tuple[Path, Path]:
+    """FILE (JSON) and FILE with .txt (the table)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    table = path.with_suffix(".txt") if path.suffix != ".txt" else path.with_name(path.name + ".table.txt")
+    table.write_text(format_table(report) + "\n", encoding="utf-8")
+    return path, table
+
+
+def format_table(report: dict) -> str:
+    lines = [f"variant {report['variant_bundle']}", f"   vs   {report['fp32_bundle']} (fp32)", ""]
+    speed = report.get("speed", {}).get("graphs_ms", {})
+    lines.append(f"{'graph':<16}{'precision':<10}{'cosine':>10}{'rel_error':>11}{'MB fp32':>10}{'MB now':>9}"
+                 f"{'ms fp32':>10}{'ms now':>9}{'speedup':>9}")
+    for name, g in report["graphs"].items():
+        ms = speed.get(name, {})
+        cos = "same" if g.get("identical") else (f"{g['cosine']:.5f}" if "cosine" in g else "-")
+        rel = "-" if g.get("identical") or "rel_error" not in g else f"{g['rel_error']:.5f}"
+        size = g.get("size_mb", {})
+        lines.append(f"{name:<16}{g['precision']:<10}{cos:>10}{rel:>11}{_num(size.get('fp32'), 2):>10}"
+                     f"{_num(size.get('variant'), 2):>9}{_num(ms.get('fp32'), 3):>10}{_num(ms.get('variant'), 3):>9}"
+                     f"{_num(ms.get('speedup'), 2, 'x'):>9}")
+    lines.append("")
+    lines.append(f"{'metric':<26}{'fp32':>10}{'variant':>10}   target")
+    metrics = ["token_agreement", "caption_accuracy", "vqa_accuracy", "t2i_attribute_accuracy", "image_similarity"]
+    for metric in metrics:
+        if metric not in report:
+            continue
+        t = report["targets"].get(metric)
+        verdict = f"{t['target']}  {'met' if t['met'] else 'MISSED'}" if t else ""
+        lines.append(f"{metric:<26}{_num(report['fp32'].get(metric), 4):>10}{report[metric]:>10.4f}   {verdict}")
+    d = report.get("speed", {}).get("decode_tokens_per_s")
+    if d:
+        t = report["targets"].get("decode_faster")
+        verdict = f"{t['target']}  {'met' if t['met'] else 'MISSED'}" if t else ""
+        lines.append(f"{'decode tokens/s':<26}{d['fp32']:>10.1f}{d['variant']:>10.1f}   {verdict}")
+    for name, t in report["targets"].items():
+        if name.endswith("_faster") and name != "decode_faster":
+            lines.append(f"{name:<26}{'':>10}{t['value']:>9.2f}x   {t['target']}  {'met' if t['met'] else 'MISSED'}")
+    lines.append("")
+    lines.append("all targets met" if report["targets_met"] else "TARGETS MISSED")
+    lines += [f"  suggestion: {s}" for s in report.get("suggestions", [])]
+    return "\n".join(lines)
+
+
+def _num(value, digits: int, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
