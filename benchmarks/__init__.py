@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against PyTorch, onnxruntime-genai and the Emu2 reference loop."""

@@ -1,0 +1,80 @@
+"""PNG plots of a session's results: the side-by-side comparisons and the cost curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .harness import Results
+
+
+def _unet_by_resolution(results: Results) -> dict[str, dict]:
+    """U-Net step time against resolution, from the U-Net comparisons of the presets."""
+    series: dict[str, dict] = {}
+    for c in results.comparisons.values():
+        if "resolution" not in c or "checkpoint" == c.get("model"):
+            continue
+        for peer, s in c["peers"].items():
+            series.setdefault(peer, {})[c["resolution"]] = s["per_unit_ms"]
+    return series if any(len(v) > 1 for v in series.values()) else {}
+
+
+def plot_all(results: Results, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    comparisons = list(results.comparisons.items())
+    if comparisons:
+        cols = min(3, len(comparisons))
+        rows = (len(comparisons) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+        for ax, (name, c) in zip(axes.flat, comparisons):
+            peers = list(c["peers"])
+            med = [c["peers"][p]["per_unit_ms"] for p in peers]
+            lo = [m - c["peers"][p]["min_s"] / c["peers"][p]["work"] * 1e3 for p, m in zip(peers, med)]
+            hi = [c["peers"][p]["max_s"] / c["peers"][p]["work"] * 1e3 - m for p, m in zip(peers, med)]
+            colors = ["tab:blue" if p.startswith("emu-edge") else "tab:gray" for p in peers]
+            ax.barh(peers, med, xerr=[lo, hi], color=colors, capsize=3)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"ms per {c['unit']} (median; bars: min to max)")
+            ax.set_title(name, fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.grid(axis="x", alpha=0.3)
+        for ax in list(axes.flat)[len(comparisons):]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = out / "side_by_side.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    curves = dict(results.curves)
+    unet = _unet_by_resolution(results)
+    if unet:
+        curves["U-Net step vs resolution (batch 2 with guidance)"] = {"x": "resolution (pixels)",
+                                                                      "y": "ms per step", "series": unet}
+    if curves:
+        cols = min(2, len(curves))
+        rows = (len(curves) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), squeeze=False)
+        for ax, (name, curve) in zip(axes.flat, curves.items()):
+            for label, points in curve["series"].items():
+                xs = sorted(points, key=float)
+                ax.plot([float(x) for x in xs], [points[x] for x in xs], marker="o", label=label)
+            ax.set(xlabel=curve["x"], ylabel=curve["y"])
+            ax.set_title(name, fontsize=8)
+            ax.set_xscale("log", base=2)
+            if "regression" in name:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(curves):]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = out / "scaling.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
