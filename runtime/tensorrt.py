@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from emu_edge.runtime.backends import BackendError
+from emu_edge.runtime.bundle import sha256_file
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "emu-edge-engine-cache"
@@ -54,14 +55,6 @@ def engine_cache_dir() -> Path:
     from emu_edge.runtime.shipped import cache_root
 
     return cache_root() / "engines"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
