@@ -42,6 +42,9 @@ def session(model: onnx.ModelProto | str, threads: int | None = None):
     options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
+    # Several graphs are compared side by side: idle worker threads of one session must
+    # not spin on the cores the next one is being timed on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
