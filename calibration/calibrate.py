@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emu_edge.calibration.data import CalibrationDataError, Request, read_requests
+from emu_edge.calibration.data import CalibrationDataError, Request, read_requests, token_prompts
 from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.pipeline import Pipeline
 
@@ -154,6 +154,12 @@ def calibrate(bundle_path: str | Path, data: str | Path, out: str | Path, settin
             pipe.graph(name)
     pipe.backends = {n: _RecordingBackend(b, n, recorder) for n, b in pipe.backends.items()}
     heldout_from = len(requests) - _heldout_count(len(requests), settings.heldout)
+    prompt_kind = None
+    if not multimodal:
+        ids, prompt_kind = token_prompts(pipe, [r.text for r in requests])
+        for request, row in zip(requests, ids):
+            request.ids = row
+        log(f"  text prompts: {prompt_kind}")
     start = time.perf_counter()
     for k, request in enumerate(requests):
         recorder.context = {"request": k, "record": request.record, "task": request.task,
@@ -161,7 +167,7 @@ def calibrate(bundle_path: str | Path, data: str | Path, out: str | Path, settin
         _run_request(pipe, request, settings)
         if (k + 1) % 10 == 0 or k + 1 == len(requests):
             log(f"  {k + 1}/{len(requests)} requests, {time.perf_counter() - start:.0f} s")
-    return _save(out, bundle, data, requests, recorder, settings, heldout_from, log)
+    return _save(out, bundle, data, requests, recorder, settings, heldout_from, prompt_kind, log)
 
 
 def _check_settings(s: CalibrateSettings) -> None:
@@ -182,8 +188,8 @@ def _heldout_count(n: int, fraction: float) -> int:
 
 
 def _run_request(pipe: Pipeline, request: Request, settings: CalibrateSettings) -> None:
-    if request.text is not None:
-        pipe.generate_text(request.text, max_new_tokens=settings.max_new_tokens, ignore_eos=True)
+    if request.ids is not None:
+        pipe.generate_ids(request.ids, settings.max_new_tokens, ignore_eos=True)
     elif request.generate == "image":
         pipe.generate_image(request.items, steps=settings.steps, seed=request.record)
     else:
@@ -208,7 +214,7 @@ def _spread(samples: list, cap: int) -> list:
 
 
 def _save(out, bundle: Bundle, data, requests, recorder: _Recorder, settings: CalibrateSettings,
-          heldout_from: int, log) -> Path:
+          heldout_from: int, prompt_kind: str | None, log) -> Path:
     from safetensors.numpy import save_file
 
     out = Path(out)
@@ -216,6 +222,7 @@ def _save(out, bundle: Bundle, data, requests, recorder: _Recorder, settings: Ca
     index = {
         "format": FORMAT, "version": VERSION, "bundle": str(Path(bundle.path).resolve()),
         "data": str(Path(data).resolve()), "requests": len(requests), "heldout_requests": len(requests) - heldout_from,
+        "text_prompts": prompt_kind,
         "settings": {"max_new_tokens": settings.max_new_tokens, "steps": settings.steps,
                      "max_samples": settings.max_samples, "heldout": settings.heldout},
         "graphs": {},

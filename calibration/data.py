@@ -40,6 +40,7 @@ class Request:
     generate: str               # "text" or "image"
     items: list = field(default_factory=list)   # interleaved str and uint8 [H, W, 3] images
     text: str | None = None     # the prompt for a text-only bundle
+    ids: list[int] | None = None  # ... as token ids (calibrate fills them in)
 
 
 def read_requests(folder: str | Path, image_size: int | None = None, multimodal: bool = True) -> list[Request]:
@@ -121,3 +122,19 @@ def _image(folder: Path, relative: str, image_size: int | None, i: int) -> np.nd
             f"{path} is {w}x{h} but the model takes {image_size}x{image_size} images: calibrate on what the "
             f"model sees (emu-edge data --split val --n 64 --size {image_size} --out DIR)")
     return image
+
+
+def token_prompts(pipe, texts: list[str], length: int = 12, seed: int = 0) -> tuple[list[list[int]], str]:
+    """Token-id prompts for a text-only bundle: the texts through its tokenizer, or, when
+    the tokenizer does not know their words (most prompts collapse to one or two ids,
+    e.g. all unknown), seeded random ids of ordinary tokens, so that the graphs see real
+    activations rather than the embedding of the unknown token over and over."""
+    rows = [pipe.tokenizer.encode(t).ids for t in texts]
+    if rows and sum(len(set(r)) > 2 for r in rows) >= len(rows) / 2:
+        return rows, "the texts, tokenized"
+    model = pipe.manifest.model
+    special = set(model.special_tokens.values()) | set(model.eos_ids()) | {model.pad_token_id, model.bos_token_id}
+    pool = np.array([t for t in range(model.vocab_size) if t not in special])
+    rng = np.random.default_rng(seed)
+    return ([rng.choice(pool, size=length).tolist() for _ in texts],
+            "random token ids (the tokenizer does not know the texts' words)")

@@ -116,3 +116,18 @@ def test_settings_are_checked(tiny_bundle, calib_data, tmp_path):
         calibrate(tiny_bundle, calib_data, tmp_path / "c", CalibrateSettings(heldout=1.5))
     with pytest.raises(CalibrationDataError, match="not a calibration folder"):
         Calibration.load(tmp_path)
+
+
+def test_text_only_bundle_calibrates_on_its_own_tokens(llm_folders, calib_data, tmp_path):
+    """The tiny HF tokenizer knows none of the caption words: rather than recording the
+    unknown token's embedding over and over, calibration prompts with random ordinary ids."""
+    bundle = tmp_path / "text"
+    assert main(["export-hf", "--llm", str(llm_folders("gqa")), "--out", str(bundle)]) == 0
+    out = calibrate(bundle, calib_data, tmp_path / "calib", CalibrateSettings(max_new_tokens=3), log=lambda *a: None)
+    c = Calibration.load(out)
+    assert c.graphs == ["decoder", "embed"]
+    assert "random token ids" in c.index["text_prompts"]
+    prefills = [f for m, f in zip(c.meta("decoder"), c.samples("decoder")) if m["phase"] == "prefill"]
+    assert len(prefills) == 18
+    rows = prefills[0]["inputs_embeds"][0]
+    assert len({r.tobytes() for r in rows}) == len(rows), "every prompt position is a different token"

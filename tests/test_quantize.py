@@ -88,7 +88,12 @@ def test_int4_decoder_keeps_the_kv_contract(int4, tiny_bundle):
     rows still match single ones, and every cached step stays close to FP32's logits."""
     path, _ = int4
     decoder = onnx.load(str(Bundle.open(path).graph_path("decoder")))
-    assert "MatMulNBits" in _ops(decoder) and "MatMul" not in _ops(decoder)
+    # The output heads get 8 bits (their error would land in the outputs as is), the rest 4.
+    bits = {n.name: a.i for n in decoder.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "bits"}
+    assert "MatMul" not in _ops(decoder) and len(bits) == 5 * 2 + 2   # qkv, o, gate, up, down x 2 layers; heads
+    assert {n for n, b in bits.items() if b == 8} == {"lm_head/MatMul_Q8", "project_down/MatMul_Q8"}
+    assert Bundle.open(path).manifest.graphs["decoder"].min_onnxruntime == "1.22"
     assert _io(decoder) == _io(onnx.load(str(Bundle.open(tiny_bundle).graph_path("decoder"))))
     pipe, fp32 = Pipeline.load(path, threads=1), Pipeline.load(tiny_bundle, threads=1)
     rows = [[1, 20, 31, 40], [1, 9, 17]]
