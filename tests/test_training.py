@@ -59,19 +59,19 @@ def test_checkpoint_layout_and_from_pretrained(tiny_checkpoint):
 
 def test_training_lowers_the_loss(tiny_checkpoint):
     rows = [json.loads(l) for l in (tiny_checkpoint / "metrics.jsonl").read_text().splitlines()]
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         losses = [r["loss"] for r in rows if r["stage"] == stage]
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"stage {stage} did not learn"
     assert (tiny_checkpoint / "loss.png").stat().st_size > 0
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
-    # 4 steps per stage, a step folder every 2: interrupt after 6 steps (mid stage 2, with
+    # 4 steps per stage, a step folder every 2: interrupt after 10 steps (mid stage 2, with
     # optimizer state), resume, and finish; weights must equal an uninterrupted run's.
-    stages = ["1", "2", "3"]
+    stages = ["0", "1", "2", "3"]
     full = train(_tiny(4, save_every=2), tmp_path / "full", stages, judge=False, progress=False)
     part = tmp_path / "part"
-    train(_tiny(4, save_every=2), part, stages, stop_after=6, judge=False, progress=False)
+    train(_tiny(4, save_every=2), part, stages, stop_after=10, judge=False, progress=False)
     assert json.loads((part / "steps" / "latest.json").read_text())["step"] == "2-000002"
     # A half-written step folder from a kill mid-save is ignored.
     (part / "steps" / ".2-000004.tmp").mkdir()
@@ -175,7 +175,65 @@ def test_ship_from_an_unfinished_run_says_where_it_stopped(tmp_path):
     train(_tiny(4, save_every=2), run, ["1", "2"], stop_after=6, judge=False, progress=False)
     out = ship(run, tmp_path / "shipped")
     training = json.loads((out / "emu.json").read_text())["training"]
-    assert training == {"last_step": "2-000002", "complete": False, "planned_steps": {"1": 4, "2": 4, "3": 4, "4": 4}}
+    assert training == {"last_step": "2-000002", "complete": False, "planned_steps": {"0": 4, "1": 4, "2": 4, "3": 4, "4": 4}}
     weights = _weights(run)
     model, _, _ = load_checkpoint(out)
     torch.testing.assert_close(model.unet.conv_in.weight, weights["unet.conv_in.weight"].half().float())
+
+
+def test_branches_after_stage_1_join_into_one_shipped_model(tmp_path):
+    # Stage 2 in one copy, stages 3-4 in another, both resumed from the same stage 1; the
+    # shipped model takes the U-Net from the first and everything else from the second.
+    import shutil
+
+    from emu_edge.training.ship import ship
+
+    trunk = tmp_path / "trunk"
+    train(_tiny(3), trunk, ["0", "1"], judge=False, progress=False)
+    shutil.copytree(trunk, tmp_path / "unet")
+    train(_tiny(3), tmp_path / "unet", ["2"], resume=True, judge=False, progress=False)
+    train(_tiny(3), trunk, ["3", "4"], resume=True, judge=False, progress=False)
+    out = ship(trunk, tmp_path / "shipped", unet_from=tmp_path / "unet")
+    model, _, _ = load_checkpoint(out)
+    unet, main_run = _weights(tmp_path / "unet"), _weights(trunk)
+    torch.testing.assert_close(model.unet.conv_in.weight, unet["unet.conv_in.weight"].half().float())
+    assert not torch.equal(unet["unet.conv_in.weight"], main_run["unet.conv_in.weight"])  # stage 2 did train it
+    head = model.llm.lm_head.weight
+    torch.testing.assert_close(head, main_run["llm.lm_head.weight"].half().float())
+    info = json.loads((out / "emu.json").read_text())["training"]
+    assert info["unet_from"]["run"] == str(tmp_path / "unet") and info["unet_from"]["complete"]
+
+    # A U-Net trained on another encoder's embeddings is refused.
+    other = tmp_path / "other"
+    train(_tiny(3, seed=1), other, ["0", "1", "2"], judge=False, progress=False)
+    with pytest.raises(CheckpointError, match="different vision encoder"):
+        ship(trunk, tmp_path / "bad", unet_from=other)
+
+
+def test_stage_0_labels_each_embedding_with_the_object_under_it():
+    import numpy as np
+
+    from emu_edge import data
+    from emu_edge.training.batching import ATTRIBUTE_CLASSES, attribute_targets
+
+    names = ATTRIBUTE_CLASSES
+    rng = np.random.default_rng()
+    for s in data.captioning("train", 40, seed=int(rng.integers(1000)), size=32):
+        t = attribute_targets(s, 64).numpy()
+        objects = s.meta["scene"].objects
+        labelled = {(names["colour"][c], names["shape"][sh], names["size"][sz]) for c, sh, sz in t if c}
+        assert labelled == {(o.colour, o.shape, o.size) for o in objects}
+        # Background cells are labelled "none" and lie away from every object's centre.
+        grid = t[:, 0].reshape(8, 8)
+        for o in objects:
+            assert grid[int(o.y * 8), int(o.x * 8)] != 0
+        if len(objects) == 2:  # the left object's cells are left of the right one's
+            cols = [np.nonzero(t[:, 1].reshape(8, 8) == names["shape"].index(o.shape))[1] for o in objects]
+            if objects[0].shape != objects[1].shape:
+                assert cols[0].mean() < cols[1].mean()
+    digit = data.digits("train", 1, size=32)[0]
+    t = attribute_targets(digit, 64).numpy()
+    ink = t[:, 1] != 0
+    assert 8 <= ink.sum() < 64
+    assert {names["shape"][i] for i in t[ink, 1]} == {data.DIGIT_WORDS[digit.meta["digit"]]}
+    assert (t[ink, 2] == -100).all() and (t[ink, 0] == names["colour"].index("white")).all()

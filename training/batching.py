@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from emu_edge import data
+from emu_edge.data.scenes import render_objects
 from emu_edge.runtime.prompt import PromptBuilder
 
 # Pixels go to the encoder and the U-Net in [-1, 1]: mean 0.5, std 0.5 per channel.
@@ -77,3 +79,45 @@ def image_of(sample) -> np.ndarray:
             if seg.kind == kind:
                 return seg.value
     raise ValueError(f"sample of task {sample.task!r} has no image")
+
+
+# Stage 0's per-embedding labels. Digits are drawn white and have no size class.
+ATTRIBUTE_CLASSES: dict[str, tuple[str, ...]] = {
+    "colour": ("none", *data.COLOURS, "white"),
+    "shape": ("none", *data.SHAPES, *data.DIGIT_WORDS),
+    "size": ("none", *data.SIZES),
+}
+# A cell is labelled with the object covering most of it, if that covers at least this much:
+# a small object spans only 2-3 cells at 32 px, so its edge cells must count.
+MIN_COVERAGE = 0.1
+
+
+def _cell_coverage(mask: np.ndarray, side: int) -> np.ndarray:
+    """[S, S] coverage in [0, 1] -> mean per cell of a side x side grid, row-major [side*side]."""
+    s = mask.shape[0]
+    return mask.reshape(side, s // side, side, s // side).mean(axis=(1, 3)).reshape(-1)
+
+
+def attribute_targets(sample, n: int) -> torch.Tensor:
+    """Class indices [n, 3] (colour, shape, size) for the n pooled embeddings of a captioning
+    or digits sample's image; -100 where a class does not apply."""
+    side = round(n ** 0.5)
+    idx = {k: {name: i for i, name in enumerate(v)} for k, v in ATTRIBUTE_CLASSES.items()}
+    out = np.zeros((n, 3), dtype=np.int64)
+    image = image_of(sample)
+    if sample.task == "digits":
+        cover = _cell_coverage(image.mean(-1) / 255.0, side)
+        ink = cover >= MIN_COVERAGE
+        out[ink] = (idx["colour"]["white"], idx["shape"][data.DIGIT_WORDS[sample.meta["digit"]]], -100)
+        out[~ink, 2] = idx["size"]["none"]
+        return torch.from_numpy(out)
+    objects = sample.meta["scene"].objects
+    size = image.shape[0]
+    # Each object rendered alone, at the scene's size scale, gives its exact coverage.
+    cover = np.stack([_cell_coverage(render_objects([o], size, n_objects=len(objects)).max(-1) > 0, side)
+                      for o in objects])
+    best = cover.argmax(0)
+    for cell in np.flatnonzero(cover.max(0) >= MIN_COVERAGE):
+        o = objects[best[cell]]
+        out[cell] = (idx["colour"][o.colour], idx["shape"][o.shape], idx["size"][o.size])
+    return torch.from_numpy(out)

@@ -9,7 +9,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="small", help="tiny (tests) or small (the shipped default)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write (and to resume from)")
     parser.add_argument("--steps", type=int, help="optimizer steps per stage (default: the preset's)")
-    parser.add_argument("--stages", default="1,2,3,4", help="comma-separated stages to run, in order")
+    parser.add_argument("--stages", default="0,1,2,3,4", help="comma-separated stages to run, in order")
     parser.add_argument("--batch-size", type=int, help="global batch size (split across DDP ranks)")
     parser.add_argument("--resume", action="store_true", help="continue from the folder's last complete step")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from emu_edge.training.batching import ATTRIBUTE_CLASSES
 from emu_edge.training.config import EmuConfig
 
 
@@ -59,7 +60,7 @@ def noise_scheduler(cfg: EmuConfig):
 
     return DDPMScheduler(
         num_train_timesteps=cfg.train_timesteps, beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon", clip_sample=False, timestep_spacing="leading",
+        prediction_type=cfg.prediction_type, clip_sample=False, timestep_spacing="leading",
     )
 
 
@@ -98,6 +99,9 @@ class EmuModel(nn.Module):
         self.project_down = nn.Linear(cfg.hidden, cfg.vision_hidden)
         self.unet = unet if unet is not None else UNet2DConditionModel(**unet_kwargs(cfg))
         self.scheduler = noise_scheduler(cfg)
+        # Stage 0 only (never exported): per-embedding attribute logits, the stand-in for the
+        # pretraining Emu2's EVA-CLIP encoder arrives with.
+        self.attribute_head = nn.Linear(cfg.vision_hidden, sum(len(v) for v in ATTRIBUTE_CLASSES.values()))
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with every <image> position replaced, in row-major order, by
@@ -118,9 +122,13 @@ class EmuModel(nn.Module):
 
     def diffusion_loss(self, images: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
                        timesteps: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        """Epsilon-prediction loss. images [B,3,S,S] in [-1,1]; cond [B,N,D]; drop [B] bool:
+        """Diffusion loss (target per cfg.prediction_type). images [B,3,S,S] in [-1,1]; cond [B,N,D]; drop [B] bool:
         condition replaced by zeros (the unconditional embedding) for classifier-free guidance."""
         cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
         noisy = self.scheduler.add_noise(images, noise, timesteps)
         pred = self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
-        return F.mse_loss(pred, noise)
+        kind = self.cfg.prediction_type
+        target = {"epsilon": noise, "sample": images}.get(kind)
+        if target is None:
+            target = self.scheduler.get_velocity(images, noise, timesteps)
+        return F.mse_loss(pred, target)

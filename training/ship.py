@@ -5,6 +5,12 @@
 No step folders, metrics or plots: those stay with the run. The eval then runs on exactly
 what ships (fp16 weights, loaded back as fp32). A run that has not finished ships from its
 last complete step folder, and emu.json says which step that was ("training").
+
+Stage 2 trains only the U-Net, and stages 3 and 4 never touch it, so after stage 1 a run can
+branch: one copy runs stage 2 while another runs stages 3 and 4 (two cores, or two
+machines), and --unet-from joins them:
+
+    python -m emu_edge.training.ship runs/main models/emu-edge-small --unet-from runs/unet
 """
 
 from __future__ import annotations
@@ -47,10 +53,26 @@ def load_run(src: Path):
                                           "planned_steps": cfg.steps}
 
 
-def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, generation: dict | None = None) -> Path:
-    """generation: defaults to record in emu.json (e.g. a guidance scale chosen on val)."""
+def take_unet(model, training: dict, unet_src: Path) -> None:
+    """Swap in the U-Net of a branch that ran stage 2 from the same stage-1 state. The U-Net
+    learnt to draw from that run's encoder embeddings, so the encoders must be identical."""
+    other, _, _, other_training = load_run(unet_src)
+    mine, theirs = model.encoder.state_dict(), other.encoder.state_dict()
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+        raise CheckpointError(f"{unet_src} has a different vision encoder: its U-Net was trained on other "
+                              "embeddings (branch both runs from the same finished stage 1)")
+    model.unet.load_state_dict(other.unet.state_dict())
+    training["unet_from"] = {"run": str(unet_src), **other_training}
+
+
+def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, generation: dict | None = None,
+         unet_from: str | Path | None = None) -> Path:
+    """generation: defaults to record in emu.json (e.g. a guidance scale chosen on val).
+    unet_from: a run whose U-Net replaces src's (see the module docstring)."""
     src, dst = Path(src), Path(dst)
     model, tokenizer, cfg, training = load_run(src)
+    if unet_from is not None:
+        take_unet(model, training, Path(unet_from))
     save_checkpoint(model, tokenizer, cfg, dst, dtype=dtype, generation=generation, training=training)
     if (src / "judge.onnx").is_file():
         shutil.copyfile(src / "judge.onnx", dst / "judge.onnx")
@@ -69,9 +91,13 @@ def main() -> None:
     parser.add_argument("dst")
     parser.add_argument("--guidance", type=float, help="default guidance scale to record (choose it on val)")
     parser.add_argument("--steps", type=int, help="default denoising steps to record")
+    parser.add_argument("--unet-from", help="run whose U-Net (stage 2, from the same stage 1) replaces src's")
     args = parser.parse_args()
     generation = {k: v for k, v in (("guidance", args.guidance), ("steps", args.steps)) if v is not None}
-    ship(args.src, args.dst, generation=generation)
+    try:
+        ship(args.src, args.dst, generation=generation, unet_from=args.unet_from)
+    except CheckpointError as e:
+        raise SystemExit(f"ship: {e}")
 
 
 if __name__ == "__main__":

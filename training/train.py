@@ -1,5 +1,9 @@
 """The training loop: Emu2's stages at small scale, resumable, DDP-ready.
 
+Stage 0  encoder: the vision encoder alone learns, for each of its pooled embeddings, the
+         colour, shape and size of the object under it; the stand-in for the pretrained
+         EVA-CLIP Emu2 starts from (a ViT trained from scratch inside stage 1 confused shapes
+         in over half of its captions).
 Stage 1  captioning: encoder, project_up and decoder learn; text loss.
 Stage 2  visual decoder: the U-Net alone, an autoencoder over the frozen encoder's
          embeddings; diffusion loss, condition dropped 10% of the time (for CFG).
@@ -31,7 +35,8 @@ from torch import nn
 from emu_edge import data
 from emu_edge.runtime.prompt import PromptBuilder
 from emu_edge.training import checkpoint as ckpt
-from emu_edge.training.batching import collate, image_of, to_pixels, visual_sequence
+from emu_edge.training.batching import (ATTRIBUTE_CLASSES, attribute_targets, collate, image_of, to_pixels,
+                                        visual_sequence)
 from emu_edge.training.config import EmuConfig
 from emu_edge.training.model import EmuModel
 from emu_edge.training.tokenizer import encode_text_fn, special_token_ids, train_tokenizer
@@ -42,10 +47,11 @@ class Stage:
     name: str
     tasks: dict[str, float]
     trainable: tuple[str, ...]
-    kind: str  # "text" or "diffusion"
+    kind: str  # "attributes", "text" or "diffusion"
 
 
 STAGES: dict[str, Stage] = {
+    "0": Stage("encoder", {"captioning": 0.75, "digits": 0.25}, ("encoder", "attribute_head"), "attributes"),
     "1": Stage("captioning", {"captioning": 0.75, "digits": 0.25}, ("encoder", "project_up", "llm"), "text"),
     "2": Stage("visual decoder", {"captioning": 0.4, "text_to_image": 0.3, "digits": 0.2, "subject": 0.1},
                ("unet",), "diffusion"),
@@ -76,7 +82,22 @@ class StageLoss(nn.Module):
     def forward(self, batch, counts: tuple[int, int]):
         if self.stage.kind == "diffusion":
             return self._diffusion(*batch, n_global=counts[0])
+        if self.stage.kind == "attributes":
+            return self._attributes(*batch, n_global=counts[0])
         return self._text(batch, counts)
+
+    def _attributes(self, images, targets, n_global):
+        m = self.model
+        logits = m.attribute_head(m.encoder(images, m.cfg.n_query))  # [B, n, classes]
+        parts, first = {}, 0
+        for i, (name, classes) in enumerate(ATTRIBUTE_CLASSES.items()):
+            group = logits[..., first:first + len(classes)]
+            first += len(classes)
+            # Summed here, divided by the global count of labelled cells: a shard's share of
+            # the single-process mean, as for the text loss.
+            parts[name] = F.cross_entropy(group.flatten(0, 1), targets[..., i].flatten(), ignore_index=-100,
+                                          reduction="sum") / max(n_global, 1)
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
     def _visuals(self, batch):
         m, cfg = self.model, self.model.cfg
@@ -125,13 +146,17 @@ def global_samples(cfg: EmuConfig, stage_id: str, step: int):
 def make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model):
     """This rank's shard of the global batch for (stage, step), and the global counts."""
     samples = global_samples(cfg, stage_id, step)
+    shard = slice(rank, None, world)
+    if STAGES[stage_id].kind == "attributes":
+        images = to_pixels(np.stack([image_of(s) for s in samples]))
+        targets = torch.stack([attribute_targets(s, cfg.n_query) for s in samples])
+        return (images[shard], targets[shard]), (int((targets[..., 0] != -100).sum()), 0)
     if STAGES[stage_id].kind == "diffusion":
         images = to_pixels(np.stack([image_of(s) for s in samples]))
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + int(stage_id)) * 1_000_003 + step)
         noise = torch.randn(images.shape, generator=g)
         timesteps = torch.randint(0, cfg.train_timesteps, (len(samples),), generator=g)
         drop = torch.rand(len(samples), generator=g) < cfg.cfg_drop
-        shard = slice(rank, None, world)
         return (images[shard], noise[shard], timesteps[shard], drop[shard]), (len(samples), 0)
     full = collate(samples, builder, pad_id)
     counts = (int((full.targets != -100).sum()), int(full.regress.sum()))
