@@ -226,14 +226,17 @@ def _default_precision(graph: str, precision: str) -> str:
 @contextlib.contextmanager
 def _quiet():
     """onnxruntime.quantization logs every node at INFO and advises pre-processing on the
-    root logger; our own log says what was done."""
+    root logger; our own log says what was done. Its symbolic shape inference also drops
+    sym_shape_infer_temp.onnx and its external-data file into the working directory when it
+    cannot infer every shape, so the calls run from a scratch directory (absolute paths only)."""
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization"),
                logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with tempfile.TemporaryDirectory(prefix="emu-edge-quant-cwd-") as scratch, contextlib.chdir(scratch):
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -334,13 +337,14 @@ def static_int8(source_path: Path, source: onnx.ModelProto, graph: str, samples:
     # outputs collected so far each time that many accumulate, instead of merging them.
     with tempfile.TemporaryDirectory(prefix="emu-edge-quant-") as tmp:
         out = Path(tmp) / f"{graph}.int8.onnx"
+        source_file, ranges_file = str(Path(source_path).resolve()), str(Path(ranges_cache).resolve())
         with _quiet():
-            quantize_static(str(source_path), str(out), Reader(samples), quant_format=QuantFormat.QDQ,
+            quantize_static(source_file, str(out), Reader(samples), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(settings.static_ops(graph)),
                             per_channel=True, reduce_range=False, activation_type=activation,
                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
                             calibrate_method=methods[settings.method], extra_options=options,
-                            calibration_cache_path=str(ranges_cache))
+                            calibration_cache_path=ranges_file)
         model = onnx.load(str(out))
     return _fix_versions(model, source)
 

@@ -99,15 +99,21 @@ def test_int4_decoder_keeps_the_kv_contract(int4, tiny_bundle):
     rows = [[1, 20, 31, 40], [1, 9, 17]]
     batched = pipe.generate_ids(rows, 8, ignore_eos=True)
     assert batched == [pipe.generate_ids(r, 8, ignore_eos=True) for r in rows]
-    # Teacher-forced on FP32's tokens: the 20-step tiny model's logits are too flat for
-    # greedy agreement to mean much, their distance is what quantization changed.
+    # Teacher-forced on FP32's tokens. The cache contract is checked exactly: every cached
+    # int4 step equals int4's own uncached prefill of the same prefix. Closeness to FP32 is
+    # a coarse bound: int4 moves each weight by up to half a step of 16 levels, and the
+    # 20-step tiny model's logits are so flat (|logit| < 2) that this alone costs ~2% cosine.
     tokens = fp32.generate_ids(rows[0], 8, ignore_eos=True)
     sessions = [p.session(1) for p in (fp32, pipe)]
     outs = [p.prefill(s, [rows[0]]) for p, s in zip((fp32, pipe), sessions)]
+    prefix = list(rows[0])
     for token in tokens:
         a, b = outs[0].logits.ravel(), outs[1].logits.ravel()
-        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.95
+        uncached = pipe.prefill(pipe.session(1), [prefix]).logits.ravel()
+        np.testing.assert_allclose(b, uncached, rtol=0, atol=2e-3 * np.abs(uncached).max())
         outs = [p.decode_one(s, np.array([token])) for p, s in zip((fp32, pipe), sessions)]
+        prefix.append(token)
 
 
 def test_fp16_runs_on_the_cpu_provider(tiny_bundle, tmp_path):
