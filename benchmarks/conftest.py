@@ -106,7 +106,9 @@ class Workspace:
         """A preset name, or "checkpoint" for --checkpoint."""
         if name == "checkpoint":
             if self.settings.checkpoint is None:
-                pytest.skip("no trained checkpoint: pass --checkpoint DIR (the shipped model is not in models/)")
+                why = "the smoke pass uses random presets only" if self.settings.smoke else \
+                    "the shipped model is not in models/"
+                pytest.skip(f"no trained checkpoint: pass --checkpoint DIR ({why})")
             return Path(self.settings.checkpoint)
         from .presets import checkpoint_for
 

@@ -93,8 +93,9 @@ def test_decode_side_by_side(benchmark, workspace, settings, results, name):
             entry["bandwidth_bound_tok_s"] = bound
             entry["fraction_of_bound"] = fp32_rate / bound
             results.target(f"fp32 decode / bandwidth bound ({name})", fp32_rate / bound, TARGET_BANDWIDTH_FRACTION,
-                           "", note=f"{fp32_rate:.0f} of {bound:.0f} tok/s = {bandwidth['best'] / 1e9:.1f} GB/s over "
-                                    f"{weights / 1e6:.0f} MB (2 GiB buffer: {memory['best'] / 1e9:.1f} GB/s)")
+                           "", note=f"{fp32_rate:.0f} of {bound:.0f} tok/s = {bandwidth['best'] / 1e9:.1f} GB/s "
+                                    f"({bandwidth['best_kernel']}) over {weights / 1e6:.0f} MB read per token; "
+                                    f"2 GiB buffer: {memory['best'] / 1e9:.1f} GB/s")
         if "onnxruntime-genai fp32" in timings:
             results.target(f"fp32 decode vs onnxruntime-genai fp32 ({name})",
                            entry["ratios"]["onnxruntime-genai fp32"], 1.0)

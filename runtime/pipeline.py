@@ -61,8 +61,13 @@ class Pipeline:
         if not 1 <= max_length <= model.max_length:
             raise ValueError(f"max_length must be in 1..{model.max_length} (the decoder's rotary tables "
                              f"end there; re-export with a larger --max-length), got {max_length}")
-        backends = {name: create_backend(bundle.graph_path(name), backend=backend, device=device, threads=threads)
-                    for name in ("embed", "decoder")}
+        # The embedding graph runs on one thread: it is a table lookup (plus one small
+        # projection), and a second thread pool would keep spinning beside the decoder's
+        # between their alternating calls, taking a core from it (on 2 cores this halved the
+        # decode step during image-embedding regression).
+        backends = {"embed": create_backend(bundle.graph_path("embed"), backend=backend, device=device, threads=1),
+                    "decoder": create_backend(bundle.graph_path("decoder"), backend=backend, device=device,
+                                              threads=threads)}
         return cls(bundle, backends, max_length, device, backend, threads)
 
     @property
