@@ -122,7 +122,8 @@ class EmuModel(nn.Module):
 
     def diffusion_loss(self, images: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
                        timesteps: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        """Diffusion loss (target per cfg.prediction_type). images [B,3,S,S] in [-1,1]; cond [B,N,D]; drop [B] bool:
+        """Diffusion loss, the target per cfg.prediction_type. images [B,3,S,S] in [-1,1];
+        cond [B,N,D]; drop [B] bool:
         condition replaced by zeros (the unconditional embedding) for classifier-free guidance."""
         cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
         noisy = self.scheduler.add_noise(images, noise, timesteps)
