@@ -18,6 +18,21 @@ def _unet_by_resolution(results: Results) -> dict[str, dict]:
     return series if any(len(v) > 1 for v in series.values()) else {}
 
 
+def _grid(plt, n: int, max_cols: int, width: float, height: float):
+    cols = min(max_cols, n)
+    rows = (n + cols - 1) // cols
+    return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def _save(plt, fig, axes, used: int, path: Path) -> Path:
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(results: Results, out: Path) -> list[Path]:
     import matplotlib
 
@@ -27,9 +42,7 @@ def plot_all(results: Results, out: Path) -> list[Path]:
     written = []
     comparisons = list(results.comparisons.items())
     if comparisons:
-        cols = min(3, len(comparisons))
-        rows = (len(comparisons) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+        fig, axes = _grid(plt, len(comparisons), 3, 6, 3.2)
         for ax, (name, c) in zip(axes.flat, comparisons):
             peers = list(c["peers"])
             med = [c["peers"][p]["per_unit_ms"] for p in peers]
@@ -42,13 +55,7 @@ def plot_all(results: Results, out: Path) -> list[Path]:
             ax.set_title(name, fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
             ax.grid(axis="x", alpha=0.3)
-        for ax in list(axes.flat)[len(comparisons):]:
-            ax.axis("off")
-        fig.tight_layout()
-        path = out / "side_by_side.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, axes, len(comparisons), out / "side_by_side.png"))
 
     curves = dict(results.curves)
     unet = _unet_by_resolution(results)
@@ -56,9 +63,7 @@ def plot_all(results: Results, out: Path) -> list[Path]:
         curves["U-Net step vs resolution (batch 2 with guidance)"] = {"x": "resolution (pixels)",
                                                                       "y": "ms per step", "series": unet}
     if curves:
-        cols = min(2, len(curves))
-        rows = (len(curves) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), squeeze=False)
+        fig, axes = _grid(plt, len(curves), 2, 6.5, 4)
         for ax, (name, curve) in zip(axes.flat, curves.items()):
             for label, points in curve["series"].items():
                 xs = sorted(points, key=float)
@@ -70,11 +75,5 @@ def plot_all(results: Results, out: Path) -> list[Path]:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(curves):]:
-            ax.axis("off")
-        fig.tight_layout()
-        path = out / "scaling.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, axes, len(curves), out / "scaling.png"))
     return written

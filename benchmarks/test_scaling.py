@@ -55,28 +55,41 @@ def _genai_steps(model_dir, prompt: list[int]):
     return run
 
 
+def _sweep(points, rounds: int, peers_at, value) -> dict[str, dict]:
+    """One curve per peer: at each point the peers `peers_at(point)` take turns for `rounds`
+    rounds, and `value(point, timing)` is what the curve records there."""
+    series: dict[str, dict] = {}
+    for point in points:
+        for peer, t in interleave(None, peers_at(point), rounds, self_timed=True).items():
+            series.setdefault(peer, {})[point] = value(point, t)
+    return series
+
+
+def _ours(workspace, name: str, ids: np.ndarray, max_length: int) -> dict:
+    return {f"emu-edge {p}": _ours_steps(workspace.pipeline(name, p), ids, max_length) for p in ("fp32", "int4")}
+
+
 @pytest.mark.smoke
 def test_decode_vs_context(benchmark, workspace, settings, results):
     name = settings.decoder
     vocab = workspace.torch_model(name).cfg.vocab_size
     rng = np.random.default_rng(0)
-    series: dict[str, dict] = {}
     rounds = max(2, settings.rounds // 2)
+    series: dict[str, dict] = {}
+
+    def peers_at(length: int) -> dict:
+        ids = rng.integers(8, vocab, (1, length))
+        found = _ours(workspace, name, ids, length + STEPS + 1)
+        for precision in ("fp32", "int4"):
+            try:
+                genai = workspace.genai(name, precision)
+                found[f"onnxruntime-genai {precision}"] = _genai_steps(genai, ids[0].tolist())
+            except pytest.skip.Exception:
+                pass
+        return found
 
     def one_pass():
-        for length in settings.contexts:
-            ids = rng.integers(8, vocab, (1, length))
-            found = {f"emu-edge {p}": _ours_steps(workspace.pipeline(name, p), ids, length + STEPS + 1)
-                     for p in ("fp32", "int4")}
-            for precision in ("fp32", "int4"):
-                try:
-                    found[f"onnxruntime-genai {precision}"] = _genai_steps(workspace.genai(name, precision),
-                                                                           ids[0].tolist())
-                except pytest.skip.Exception:
-                    pass
-            timings = interleave(None, found, rounds, self_timed=True)
-            for peer, t in timings.items():
-                series.setdefault(peer, {})[length] = t.median * 1e3
+        series.update(_sweep(settings.contexts, rounds, peers_at, lambda length, t: t.median * 1e3))
 
     benchmark.group = f"decode vs context {name}"
     benchmark.pedantic(one_pass, rounds=1, iterations=1)
@@ -89,17 +102,15 @@ def test_decode_vs_batch(benchmark, workspace, settings, results):
     name = settings.decoder
     vocab = workspace.torch_model(name).cfg.vocab_size
     rng = np.random.default_rng(0)
-    series: dict[str, dict] = {}
     rounds = max(2, settings.rounds // 2)
+    series: dict[str, dict] = {}
+
+    def peers_at(batch: int) -> dict:
+        ids = rng.integers(8, vocab, (batch, settings.prompt_tokens))
+        return _ours(workspace, name, ids, settings.prompt_tokens + STEPS + 1)
 
     def one_pass():
-        for batch in settings.batches:
-            ids = rng.integers(8, vocab, (batch, settings.prompt_tokens))
-            found = {f"emu-edge {p}": _ours_steps(workspace.pipeline(name, p), ids, settings.prompt_tokens + STEPS + 1)
-                     for p in ("fp32", "int4")}
-            timings = interleave(None, found, rounds, self_timed=True)
-            for peer, t in timings.items():
-                series.setdefault(peer, {})[batch] = batch / t.median
+        series.update(_sweep(settings.batches, rounds, peers_at, lambda batch, t: batch / t.median))
 
     benchmark.group = f"decode vs batch {name}"
     benchmark.pedantic(one_pass, rounds=1, iterations=1)
