@@ -224,7 +224,7 @@ def _default_precision(graph: str, precision: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _contained():
     """onnxruntime.quantization logs every node at INFO and advises pre-processing on the
     root logger; our own log says what was done. Its symbolic shape inference also drops
     sym_shape_infer_temp.onnx and its external-data file into the working directory when it
@@ -273,7 +273,7 @@ def weight_only(model: onnx.ModelProto, bits: int, settings: QuantizeSettings, e
         quantizer = MatMulNBitsQuantizer(m, bits=b, block_size=settings.block_size, is_symmetric=settings.symmetric,
                                          accuracy_level=settings.accuracy_level, nodes_to_exclude=skip,
                                          op_types_to_quantize=("MatMul",))
-        with _quiet():
+        with _contained():
             quantizer.process()
         return quantizer.model.model
 
@@ -338,7 +338,7 @@ def static_int8(source_path: Path, source: onnx.ModelProto, graph: str, samples:
     with tempfile.TemporaryDirectory(prefix="emu-edge-quant-") as tmp:
         out = Path(tmp) / f"{graph}.int8.onnx"
         source_file, ranges_file = str(Path(source_path).resolve()), str(Path(ranges_cache).resolve())
-        with _quiet():
+        with _contained():
             quantize_static(source_file, str(out), Reader(samples), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(settings.static_ops(graph)),
                             per_channel=True, reduce_range=False, activation_type=activation,
@@ -356,7 +356,7 @@ def to_fp16(model: onnx.ModelProto, graph: str, exclude: list[str]) -> onnx.Mode
 
     keep = [v.name for v in list(model.graph.input) + list(model.graph.output)
             if not (graph in WEIGHT_ONLY_GRAPHS and _is_kv(v.name))]
-    with _quiet():
+    with _contained():
         converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=keep,
                                              node_block_list=list(exclude) or None)
     # The converter appends the casts of kept inputs after their consumers.

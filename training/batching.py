@@ -90,6 +90,7 @@ ATTRIBUTE_CLASSES: dict[str, tuple[str, ...]] = {
 # A cell is labelled with the object covering most of it, if that covers at least this much:
 # a small object spans only 2-3 cells at 32 px, so its edge cells must count.
 MIN_COVERAGE = 0.1
+_CLASS_INDEX = {k: {name: i for i, name in enumerate(v)} for k, v in ATTRIBUTE_CLASSES.items()}
 
 
 def _cell_coverage(mask: np.ndarray, side: int) -> np.ndarray:
@@ -102,14 +103,13 @@ def attribute_targets(sample, n: int) -> torch.Tensor:
     """Class indices [n, 3] (colour, shape, size) for the n pooled embeddings of a captioning
     or digits sample's image; -100 where a class does not apply."""
     side = round(n ** 0.5)
-    idx = {k: {name: i for i, name in enumerate(v)} for k, v in ATTRIBUTE_CLASSES.items()}
-    out = np.zeros((n, 3), dtype=np.int64)
+    idx = _CLASS_INDEX
+    out = np.zeros((n, 3), dtype=np.int64)  # 0 is "none" in every group
     image = image_of(sample)
     if sample.task == "digits":
         cover = _cell_coverage(image.mean(-1) / 255.0, side)
         ink = cover >= MIN_COVERAGE
         out[ink] = (idx["colour"]["white"], idx["shape"][data.DIGIT_WORDS[sample.meta["digit"]]], -100)
-        out[~ink, 2] = idx["size"]["none"]
         return torch.from_numpy(out)
     objects = sample.meta["scene"].objects
     size = image.shape[0]
