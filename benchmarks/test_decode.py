@@ -34,7 +34,9 @@ def _decode_peers(workspace, settings, name: str, prompt: list[int]):
             found[f"onnxruntime-genai {precision}"] = run
         except Exception as e:  # the builder's graph may not run on this model (e.g. its head size)
             missing[f"onnxruntime-genai {precision}"] = f"{type(e).__name__}: {e}"
-    pipes = {p: workspace.pipeline(name, p) for p in ("fp32", "int8", "int4")}
+    # KV buffers as long as onnxruntime-genai's (its max_length is prompt + new tokens), so
+    # neither side pays for cache rows the other does not have.
+    pipes = {p: workspace.pipeline(name, p, max_length=len(prompt) + n) for p in ("fp32", "int8", "int4")}
     for precision, pipe in pipes.items():
         found[f"emu-edge {precision}"] = peers.ours_generate(pipe, prompt, n)
     return found, pipes, missing

@@ -83,6 +83,9 @@ MAX_REL_ERROR = {"int8": 0.05, "int4": 0.15, "fp16": 0.01}
 # MatMulNBits' 8-bit CPU kernel ships from onnxruntime 1.22 (4-bit from 1.17, recorded in
 # export.bundle_writer); the op schema alone does not tell the bit width.
 MIN_ONNXRUNTIME_8BIT_MATMULNBITS = "1.22"
+# onnxruntime 1.20.0 fails float16 SkipSimplifiedLayerNormalization on the CPU (prepacked
+# gamma reported missing); 1.20.1 runs it. float32 graphs need only the op's own minimum.
+MIN_ONNXRUNTIME_FP16_SKIP_NORM = "1.20.1"
 # onnxruntime 1.31 reads IR <= 13, the devices' onnxruntime (JetPack 6, 1.16+) IR <= 9.
 MAX_IR_VERSION = 9
 
@@ -584,6 +587,9 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, settings: Quantize
             if 8 in _bits(model):
                 new.min_onnxruntime = max(new.min_onnxruntime, MIN_ONNXRUNTIME_8BIT_MATMULNBITS, key=version_key)
                 log(f"    8-bit MatMulNBits: onnxruntime >= {new.min_onnxruntime}")
+            if target == "fp16" and any(n.op_type == "SkipSimplifiedLayerNormalization" for n in model.graph.node):
+                new.min_onnxruntime = max(new.min_onnxruntime, MIN_ONNXRUNTIME_FP16_SKIP_NORM, key=version_key)
+                log(f"    float16 SkipSimplifiedLayerNormalization: onnxruntime >= {new.min_onnxruntime}")
             if target == "fp16" and name in WEIGHT_ONLY_GRAPHS:
                 model_spec.kv.dtype = "float16"
             results[name] = result

@@ -23,7 +23,10 @@ needed, and a batched prompt sees exactly the positions it would see alone.
 - "gqa": com.microsoft GroupQueryAttention with rotary inside (cos/sin caches as
   initializers) and packed QKV. Bind the same OrtValue to past_key_values.{i}.* and
   present.{i}.*: the kernel then writes only the new rows (past_present_share_buffer).
-  Its CPU kernel needs head_dim % 16 == 0.
+  Its CPU kernel needs head_dim % 16 == 0. Since this variant is onnxruntime's alone, it
+  also uses its fused residual + RMSNorm (com.microsoft SkipSimplifiedLayerNormalization,
+  whose optional output carries the residual sum on): a decode step is dispatch-bound
+  enough that the Add nodes onnxruntime does not fuse by itself cost measurable time.
 - "standard": standard ONNX ops only, for TensorRT and as the fallback. ScatterND writes
   the new K/V rows into the buffer; onnxruntime's ScatterND skips its full copy when its
   output and input are the same buffer, so with the same binding the write is O(new
@@ -34,7 +37,8 @@ needed, and a batched prompt sees exactly the positions it would see alone.
   zero-fills them once when it allocates them.
 
 Both variants run on onnxruntime's CPU provider as checked against PyTorch: "standard"
-from onnxruntime 1.16, "gqa" from 1.20 (see bundle_writer.MIN_ONNXRUNTIME_FOR_OPS).
+from onnxruntime 1.16, "gqa" from 1.20 (1.20.1 once converted to float16; see
+bundle_writer.MIN_ONNXRUNTIME_FOR_OPS).
 """
 
 from __future__ import annotations
@@ -138,6 +142,16 @@ class GraphBuilder:
         normed = self.op("Div", x, std, name=f"{name}/Div")
         w = self.initializer(f"{name}.weight", weight.astype(np.float32))
         return self.op("Mul", normed, w, name=f"{name}/Mul")
+
+    def skip_rms_norm(self, x: str, skip: str, weight: np.ndarray, eps: float, name: str,
+                      keep_sum: bool = True) -> tuple[str, str | None]:
+        """(rms_norm(x + skip), x + skip) in one com.microsoft SkipSimplifiedLayerNormalization:
+        the residual add and the norm that reads it are one kernel instead of two passes."""
+        w = self.initializer(f"{name}.weight", weight.astype(np.float32))
+        outputs = [f"{name}/out", "", "", f"{name}/sum"] if keep_sum else [f"{name}/out"]
+        out = self.op("SkipSimplifiedLayerNormalization", x, skip, w, outputs=outputs, name=name,
+                      domain=MS_DOMAIN, epsilon=eps)
+        return (out[0], out[3]) if keep_sum else (out, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +265,7 @@ def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_le
     w = _WeightReader(weights)
 
     g = GraphBuilder("decoder")
-    x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence", dims.hidden_size])
+    x = x_in = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence", dims.hidden_size])
     pasts = []
     for i in range(dims.num_layers):
         kv_shape = ["batch", dims.num_kv_heads, "max_length", dims.head_dim]
@@ -262,13 +276,23 @@ def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_le
     cos = g.initializer("rope.cos", cos_table)
     sin = g.initializer("rope.sin", sin_table)
 
-    lengths = _Lengths(g, x, seqlens_k, total_len, dims)
+    lengths = None
     if attention == "standard":
+        lengths = _Lengths(g, x, seqlens_k, total_len, dims)
         lengths.add_positions(cos, sin)
+    # "gqa" runs on onnxruntime only, so it may fuse: each residual add goes into the norm
+    # that reads it, and gate/up share one MatMul. "standard" stays plain ONNX ops.
+    fused = attention == "gqa"
+    eps = dims.rms_norm_eps
 
+    pending = None  # the "gqa" MLP output not yet added to the residual stream
     for i in range(dims.num_layers):
         p = f"model.layers.{i}"
-        h = g.rms_norm(x, w[f"{p}.input_layernorm.weight"], dims.rms_norm_eps, f"layers.{i}.input_norm")
+        norm_w = w[f"{p}.input_layernorm.weight"]
+        if pending is None:
+            h = g.rms_norm(x, norm_w, eps, f"layers.{i}.input_norm")
+        else:
+            h, x = g.skip_rms_norm(x, pending, norm_w, eps, f"layers.{i}.input_norm")
         qkv_w = np.concatenate([w[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
         qkv_b = None
         if f"{p}.self_attn.q_proj.bias" in weights:
@@ -281,22 +305,33 @@ def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_le
             attn = _standard_attention(g, qkv, pasts[i], present, lengths, dims, i)
         o = g.linear(attn, w[f"{p}.self_attn.o_proj.weight"], w.get(f"{p}.self_attn.o_proj.bias"),
                      f"layers.{i}.o_proj")
-        x = g.op("Add", x, o, name=f"layers.{i}/attn_residual")
-        h = g.rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], dims.rms_norm_eps,
-                       f"layers.{i}.post_attention_norm")
-        gate = g.linear(h, w[f"{p}.mlp.gate_proj.weight"], w.get(f"{p}.mlp.gate_proj.bias"), f"layers.{i}.gate_proj")
-        up = g.linear(h, w[f"{p}.mlp.up_proj.weight"], w.get(f"{p}.mlp.up_proj.bias"), f"layers.{i}.up_proj")
-        act = g.op("Mul", gate, g.op("Sigmoid", gate, name=f"layers.{i}/Sigmoid"), name=f"layers.{i}/silu")
-        down = g.linear(g.op("Mul", act, up, name=f"layers.{i}/gated"), w[f"{p}.mlp.down_proj.weight"],
-                        w.get(f"{p}.mlp.down_proj.bias"), f"layers.{i}.down_proj")
-        x = g.op("Add", x, down, name=f"layers.{i}/mlp_residual")
+        norm_w = w[f"{p}.post_attention_layernorm.weight"]
+        if fused:
+            h, x = g.skip_rms_norm(x, o, norm_w, eps, f"layers.{i}.post_attention_norm")
+        else:
+            x = g.op("Add", x, o, name=f"layers.{i}/attn_residual")
+            h = g.rms_norm(x, norm_w, eps, f"layers.{i}.post_attention_norm")
+        down = _mlp(g, h, w, p, dims, fused, i)
+        if fused:
+            pending = down
+        else:
+            x = g.op("Add", x, down, name=f"layers.{i}/mlp_residual")
         for name in present:
             g.output(name, TensorProto.FLOAT, ["batch", dims.num_kv_heads, "max_length", dims.head_dim])
 
-    # Only the last real position of each row goes through the head: norm is per position,
-    # so gathering first saves S - 1 rows of lm_head on a prefill.
-    last = lengths.gather_last(x)
-    last = g.rms_norm(last, w["model.norm.weight"], dims.rms_norm_eps, "final_norm")
+    final_w = w["model.norm.weight"]
+    if fused:
+        # Norm then gather: on a prefill the norm is over S rows (cheap), and the residual
+        # add needs no node of its own.
+        if pending is None:   # no layers
+            normed = g.rms_norm(x, final_w, eps, "final_norm")
+        else:
+            normed, _ = g.skip_rms_norm(x, pending, final_w, eps, "final_norm", keep_sum=False)
+        last = _gather_last_lean(g, normed, x_in, seqlens_k)
+    else:
+        # Only the last real position of each row goes through the head: norm is per
+        # position, so gathering first saves S - 1 rows of lm_head on a prefill.
+        last = g.rms_norm(lengths.gather_last(x), final_w, eps, "final_norm")
     lm_head = weights.get("lm_head.weight")
     if lm_head is None:  # tied embeddings: save_pretrained leaves lm_head out
         lm_head = w["model.embed_tokens.weight"]
@@ -383,6 +418,40 @@ class _Lengths:
         rows = g.op("Range", g.const(0), self.batch, g.const(1), name="last/rows")
         index = g.op("Add", g.op("Mul", rows, self.seq, name="last/row_start"), self.last_index, name="last/index")
         return g.op("Gather", flat, index, axis=0, name="last/gather")
+
+
+def _gather_last_lean(g: GraphBuilder, x: str, inputs_embeds: str, seqlens_k: str) -> str:
+    """x [B, S, H] -> the row of each batch row's last real token [B, H], in fewer nodes
+    than _Lengths.gather_last (each node is a dispatch on every decode step): that token
+    sits at index seqlens_k[b] - past_b = min(seqlens_k[b], S - 1) of this call's S."""
+    seq = g.op("Shape", inputs_embeds, start=1, end=2, name="last/sequence")             # [1]
+    last_slot = g.op("Sub", seq, g.const([1]), name="last/last_slot")
+    seqlens = g.op("Cast", seqlens_k, to=TensorProto.INT64, name="last/seqlens")          # [B]
+    index = g.op("Min", seqlens, last_slot, name="last/index")
+    index = g.op("Unsqueeze", index, g.const([1]), name="last/index2d")                   # [B, 1]
+    return g.op("GatherND", x, index, batch_dims=1, name="last/gather")                   # [B, H]
+
+
+def _mlp(g: GraphBuilder, h: str, w: _WeightReader, p: str, dims: DecoderDims, fused: bool, i: int) -> str:
+    """down(silu(gate(h)) * up(h)). fused: gate and up as one MatMul over [gate | up], so
+    one kernel call reads both weights and, under MatMulNBits, h is quantized once, not
+    twice (3% of an int4 decode step on the 30M benchmark preset)."""
+    gate_w, up_w = w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"]
+    gate_b, up_b = w.get(f"{p}.mlp.gate_proj.bias"), w.get(f"{p}.mlp.up_proj.bias")
+    if fused:
+        bias = None
+        if gate_b is not None or up_b is not None:
+            zeros = np.zeros(dims.intermediate_size, np.float32)
+            bias = np.concatenate([zeros if gate_b is None else gate_b, zeros if up_b is None else up_b])
+        both = g.linear(h, np.concatenate([gate_w, up_w], axis=0), bias, f"layers.{i}.gate_up_proj")
+        gate, up = g.op("Split", both, g.const([dims.intermediate_size] * 2), axis=-1, outputs=2,
+                        name=f"layers.{i}/gate_up_split")
+    else:
+        gate = g.linear(h, gate_w, gate_b, f"layers.{i}.gate_proj")
+        up = g.linear(h, up_w, up_b, f"layers.{i}.up_proj")
+    act = g.op("Mul", gate, g.op("Sigmoid", gate, name=f"layers.{i}/Sigmoid"), name=f"layers.{i}/silu")
+    return g.linear(g.op("Mul", act, up, name=f"layers.{i}/gated"), w[f"{p}.mlp.down_proj.weight"],
+                    w.get(f"{p}.mlp.down_proj.bias"), f"layers.{i}.down_proj")
 
 
 def _gqa_attention(g: GraphBuilder, qkv: str, past: tuple[str, str], present: tuple[str, str],

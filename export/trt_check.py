@@ -55,6 +55,7 @@ CONSTANT_INPUTS = {
 
 CONTRIB_ADVICE = {
     "GroupQueryAttention": "export the decoder with --attention standard for TensorRT",
+    "SkipSimplifiedLayerNormalization": "export the decoder with --attention standard for TensorRT",
     "MatMulNBits": "weight-only INT4/INT8 is onnxruntime's format; build engines from the fp32, fp16 or "
                    "static-INT8 (QDQ) bundle",
 }

@@ -5,14 +5,20 @@
     session = DecoderSession(backend, model_spec, batch, max_length)
     session.prefill(embeds [B, S, H], lengths)  -> logits [B, V] at each row's last token
     session.step(embeds [B, 1, H])              -> the next position of every row
+    session.step_ids(ids [B, 1], embed_backend, embed)
+                                                -> the same from token ids (on the CPU
+                                                   embed.onnx writes the bound step input)
     session.extend(embeds [B, S, H])            -> S more tokens per row (a new chat turn)
 
 The same device buffers are bound as the graph's past inputs and present outputs, so a
-step neither reallocates nor copies the cache: the graph writes only the new rows. Each
-row keeps its own length (`lengths`): a batch of prompts of different lengths is
-right-padded for the prefill and every row then grows from where it ended, at the
-positions it would have alone. seqlens_k / total_sequence_length are derived from those
-lengths (see emu_edge.export.decoder for the graph side of the contract).
+step neither reallocates nor copies the cache: the graph writes only the new rows. On the
+CPU the lengths, the step's embeddings and the outputs are host arrays bound once too, so
+a decode step makes no new binding at all (a step is ~1 ms; per-call binding and
+conversion work was a measurable part of it). Each row keeps its own length (`lengths`):
+a batch of prompts of different lengths is right-padded for the prefill and every row
+then grows from where it ended, at the positions it would have alone. seqlens_k /
+total_sequence_length are derived from those lengths (see emu_edge.export.decoder for
+the graph side of the contract).
 """
 
 from __future__ import annotations
@@ -107,13 +113,42 @@ class DecoderSession:
             self.binding.bind_ortvalue_output(f"present.{i}.key", key)
             self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", value)
             self.binding.bind_ortvalue_output(f"present.{i}.value", value)
-        self.logits = backend.allocate([batch, model.vocab_size], np.float32)
-        self.binding.bind_ortvalue_output("logits", self.logits)
-        self.regressed = None
+        # On the CPU every small input and output is a host array bound once: a call writes
+        # the lengths and the step's embeddings into them and reads the outputs from them,
+        # with no OrtValue made, bound or converted per token. Elsewhere (CUDA, TensorRT)
+        # inputs are bound per call and outputs copied back from the device.
+        self._host = backend.device == "cpu"
+        self._seqlens_k = np.zeros(batch, np.int32)
+        self._total = np.zeros((), np.int32)
+        self._step_embeds = np.zeros((batch, 1, model.hidden_size), np.float32)
+        self._step_bound = False   # whether inputs_embeds is bound to _step_embeds
+        self.logits, self._logits_host = self._output("logits", [batch, model.vocab_size])
+        self.regressed, self._regressed_host = None, None
         if "regressed" in backend.output_names:
             visual_dim = backend.output_shapes["regressed"][1]
-            self.regressed = backend.allocate([batch, visual_dim], np.float32)
-            self.binding.bind_ortvalue_output("regressed", self.regressed)
+            self.regressed, self._regressed_host = self._output("regressed", [batch, visual_dim])
+        if self._host:
+            for name, array in (("seqlens_k", self._seqlens_k), ("total_sequence_length", self._total)):
+                self.binding.bind_ortvalue_input(name, self._wrap(array))
+            self._step_value = self._wrap(self._step_embeds)
+        self._step_ids = np.zeros((batch, 1), np.int64)
+        self._embed_binding = None   # (embed backend, its IOBinding into _step_embeds)
+
+    def _wrap(self, array: np.ndarray):
+        """An OrtValue over `array`'s memory (CPU): writes to the array are what the graph reads."""
+        from emu_edge.runtime.backends import import_onnxruntime
+
+        return import_onnxruntime().OrtValue.ortvalue_from_numpy(array)
+
+    def _output(self, name: str, shape: list) -> tuple:
+        """(the bound buffer, its host array on the CPU or None)."""
+        if self._host:
+            host = np.zeros(shape, np.float32)
+            buffer = self._wrap(host)
+        else:
+            host, buffer = None, self.backend.allocate(shape, np.float32)
+        self.binding.bind_ortvalue_output(name, buffer)
+        return buffer, host
 
     @property
     def lengths(self) -> np.ndarray:
@@ -153,7 +188,34 @@ class DecoderSession:
         embeds = self._check_embeds(inputs_embeds)
         if embeds.shape[1] != 1:
             raise DecoderError(f"step() takes one position per row, got {embeds.shape[1]}; use extend()")
-        return self.extend(embeds)
+        if not self.cache.lengths.any():
+            return self.prefill(embeds)
+        return self._forward(embeds, 1)
+
+    def step_ids(self, token_ids: np.ndarray, embed_backend, embed) -> DecoderOutput:
+        """step() for one token id per row ([B, 1] int64). On the CPU, embed.onnx (run by
+        `embed_backend`) writes straight into the bound step input, so a token costs two
+        bound graph runs and a copy of the logits; elsewhere the ids go through `embed`
+        (ids -> inputs_embeds) and step()."""
+        if token_ids.shape != (self.batch, 1):
+            raise DecoderError(f"step_ids() takes token ids of shape [{self.batch}, 1], got {list(token_ids.shape)}")
+        if not (self._host and embed_backend.device == "cpu" and self.cache.lengths.any()):
+            return self.step(embed(token_ids))
+        if self._embed_binding is None or self._embed_binding[0] is not embed_backend:
+            self._embed_binding = (embed_backend, self._bind_embed(embed_backend))
+        self._step_ids[:] = token_ids
+        embed_backend.run_bound(self._embed_binding[1])
+        return self._forward(self._step_embeds, 1)
+
+    def _bind_embed(self, embed_backend):
+        binding = embed_backend.bind()
+        binding.bind_ortvalue_input("input_ids", self._wrap(self._step_ids))
+        if "image_embeds" in embed_backend.input_names:
+            # Text tokens: no visual embeddings to splice in (0 rows, as Pipeline.embed feeds).
+            none = np.zeros([0, embed_backend.input_shapes["image_embeds"][1]], np.float32)
+            binding.bind_ortvalue_input("image_embeds", self._wrap(none))
+        binding.bind_ortvalue_output("inputs_embeds", self._step_value)
+        return binding
 
     def _check_embeds(self, inputs_embeds: np.ndarray) -> np.ndarray:
         embeds = np.ascontiguousarray(inputs_embeds, dtype=np.float32)
@@ -170,18 +232,29 @@ class DecoderSession:
                 f"Start a new conversation, shorten the prompt or max_new_tokens, or load with a larger "
                 f"max_length (this bundle's decoder supports up to {self.model.max_length}).")
 
-    def _forward(self, embeds: np.ndarray, counts: np.ndarray) -> DecoderOutput:
+    def _forward(self, embeds: np.ndarray, counts) -> DecoderOutput:
+        """Run the graph on S new positions per row; counts: real tokens per row ([B] or one int)."""
         totals = self.cache.lengths + counts
         self._check_room(totals)
-        seqlens_k = (totals - 1).astype(np.int32)
-        total = np.array(totals.max(), dtype=np.int32)
-        self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
-        self.binding.bind_cpu_input("seqlens_k", seqlens_k)
-        self.binding.bind_cpu_input("total_sequence_length", total)
+        np.subtract(totals, 1, out=self._seqlens_k, casting="unsafe")
+        self._total[()] = totals.max()
+        if self._host and embeds.shape[1] == 1:
+            if embeds is not self._step_embeds:
+                self._step_embeds[:] = embeds
+            if not self._step_bound:
+                self.binding.bind_ortvalue_input("inputs_embeds", self._step_value)
+                self._step_bound = True
+        else:
+            self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+            self._step_bound = False
+            if not self._host:
+                self.binding.bind_cpu_input("seqlens_k", self._seqlens_k)
+                self.binding.bind_cpu_input("total_sequence_length", self._total)
         self.backend.run_bound(self.binding)
         self.cache.lengths[:] = totals
-        # Copies: the bound output buffers are overwritten by the next call.
-        return DecoderOutput(
-            logits=np.array(self.logits.numpy(), copy=True),
-            regressed=None if self.regressed is None else np.array(self.regressed.numpy(), copy=True),
-        )
+        # Copies: the bound outputs are overwritten by the next call.
+        if self._host:
+            return DecoderOutput(logits=self._logits_host.copy(),
+                                 regressed=None if self._regressed_host is None else self._regressed_host.copy())
+        return DecoderOutput(logits=self.logits.numpy().copy(),
+                             regressed=None if self.regressed is None else self.regressed.numpy().copy())

@@ -118,7 +118,8 @@ class Pipeline:
 
     def decode_one(self, session: DecoderSession, tokens: np.ndarray) -> DecoderOutput:
         """Feed one token per row; tokens [B]."""
-        return session.step(self.embed(np.asarray(tokens, dtype=np.int64).reshape(-1, 1)))
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        return session.step_ids(ids, self.backends["embed"], self.embed)
 
     def stream_ids(self, rows: list[list[int]], max_new_tokens: int, sampler: Sampler, stop_ids: list[int],
                    visual: np.ndarray | None = None) -> Iterator[list[int | None]]:

@@ -169,6 +169,30 @@ def test_graph_passes_checker_and_targets_old_onnxruntime(attention):
         assert min_onnxruntime_for(graph) == "1.20"
 
 
+def test_gqa_graph_leaves_no_residual_add_after_onnxruntime_optimizes_it(tmp_path):
+    """Every residual add of the "gqa" graph rides in the RMSNorm after it (onnxruntime's
+    optimizer does not fuse a residual add whose sum is read again), so after the optimizer
+    every remaining Add has a constant operand (an epsilon or a bias), and the whole graph
+    is no more nodes than the layers need."""
+    model = build_llm("gqa")
+    dims = decoder_dims(model.config)
+    graph = build_decoder(model.config, _weights(model), "gqa", MAX_LENGTH,
+                          project_down=(np.ones((8, model.config.hidden_size), np.float32), np.ones(8, np.float32)))
+    assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in graph.graph.node) == 2 * dims.num_layers
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    constants = {t.name for t in optimized.graph.initializer}
+    adds = [n for n in optimized.graph.node if n.op_type == "Add"]
+    assert all(any(i in constants for i in n.input) for n in adds), [list(n.input) for n in adds]
+    # Per layer: norm, qkv, attention, o_proj, gate, up, silu, gated product, down (9);
+    # then the final norm, the last-token gather (6 small nodes), lm_head, project_down
+    # (MatMul + bias) and the output Identities.
+    assert len(optimized.graph.node) <= 9 * dims.num_layers + 20
+
+
 def test_auto_attention_falls_back_for_head_dim_not_multiple_of_16():
     model = build_llm("head24")
     assert decoder_dims(model.config).head_dim == 24

@@ -91,7 +91,7 @@ def test_int4_decoder_keeps_the_kv_contract(int4, tiny_bundle):
     # The output heads get 8 bits (their error would land in the outputs as is), the rest 4.
     bits = {n.name: a.i for n in decoder.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name == "bits"}
-    assert "MatMul" not in _ops(decoder) and len(bits) == 5 * 2 + 2   # qkv, o, gate, up, down x 2 layers; heads
+    assert "MatMul" not in _ops(decoder) and len(bits) == 4 * 2 + 2   # qkv, o, gate|up, down x 2 layers; heads
     assert {n for n, b in bits.items() if b == 8} == {"lm_head/MatMul_Q8", "project_down/MatMul_Q8"}
     assert Bundle.open(path).manifest.graphs["decoder"].min_onnxruntime == "1.22"
     assert _io(decoder) == _io(onnx.load(str(Bundle.open(tiny_bundle).graph_path("decoder"))))

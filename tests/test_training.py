@@ -68,7 +68,7 @@ def test_training_lowers_the_loss(tiny_checkpoint):
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     # 4 steps per stage, a step folder every 2: interrupt after 10 steps (mid stage 2, with
     # optimizer state), resume, and finish; weights must equal an uninterrupted run's.
-    stages = ["0", "1", "2", "3"]
+    stages = ["0", "1", "2", "3", "5"]
     full = train(_tiny(4, save_every=2), tmp_path / "full", stages, judge=False, progress=False)
     part = tmp_path / "part"
     train(_tiny(4, save_every=2), part, stages, stop_after=10, judge=False, progress=False)
@@ -119,7 +119,7 @@ DDP_SCRIPT = (
     "import sys; from emu_edge.training.train import train; from emu_edge.training.config import get_preset;"
     "cfg = get_preset('tiny'); cfg.steps = {s: 3 for s in cfg.steps}; cfg.save_every = 3;"
     "cfg.batch_size = int(sys.argv[2]);"
-    "train(cfg, sys.argv[1], ['1', '2', '3'], judge=False, progress=False)"
+    "train(cfg, sys.argv[1], ['1', '2', '3', '5'], judge=False, progress=False)"
 )
 
 
@@ -175,7 +175,7 @@ def test_ship_from_an_unfinished_run_says_where_it_stopped(tmp_path):
     train(_tiny(4, save_every=2), run, ["1", "2"], stop_after=6, judge=False, progress=False)
     out = ship(run, tmp_path / "shipped")
     training = json.loads((out / "emu.json").read_text())["training"]
-    assert training == {"last_step": "2-000002", "complete": False, "planned_steps": {"0": 4, "1": 4, "2": 4, "3": 4, "4": 4}}
+    assert training == {"last_step": "2-000002", "complete": False, "planned_steps": {"0": 4, "1": 4, "2": 4, "3": 4, "4": 4, "5": 4}}
     weights = _weights(run)
     model, _, _ = load_checkpoint(out)
     torch.testing.assert_close(model.unet.conv_in.weight, weights["unet.conv_in.weight"].half().float())
@@ -208,6 +208,54 @@ def test_branches_after_stage_1_join_into_one_shipped_model(tmp_path):
     train(_tiny(3, seed=1), other, ["0", "1", "2"], judge=False, progress=False)
     with pytest.raises(CheckpointError, match="different vision encoder"):
         ship(trunk, tmp_path / "bad", unet_from=other)
+
+
+def test_init_from_continues_a_shipped_model_with_later_stages(tmp_path):
+    from emu_edge.training.ship import ship
+
+    run = train(_tiny(3), tmp_path / "run", ["0", "1", "2", "3"], progress=False)
+    shipped = ship(run, tmp_path / "shipped")
+    start, _, _ = load_checkpoint(shipped)
+    more = train(_tiny(3), tmp_path / "more", ["4", "5"], progress=False, init_from=shipped)
+    model, _, _ = load_checkpoint(more)
+    # Stages 4-5 never train the encoder: it is the shipped one, so the weights did start there.
+    for k, v in start.encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(model.unet.conv_in.weight, start.unet.conv_in.weight)  # stage 5 trained it
+    assert not torch.equal(model.llm.lm_head.weight, start.llm.lm_head.weight)  # stage 4 trained it
+    assert json.loads((more / "emu.json").read_text())["training"]["init_from"] == str(shipped)
+    again = ship(more, tmp_path / "again")  # shipping keeps the provenance
+    assert json.loads((again / "emu.json").read_text())["training"]["init_from"] == str(shipped)
+    assert (more / "judge.onnx").read_bytes() == (shipped / "judge.onnx").read_bytes()
+
+    # Another architecture is refused, naming what differs.
+    with pytest.raises(CheckpointError, match="hidden"):
+        train(_tiny(1, hidden=32), tmp_path / "bad", ["4"], progress=False, init_from=shipped)
+
+
+def test_alignment_conditions_text_to_image_on_regressed_embeddings(tiny_checkpoint):
+    import numpy as np
+
+    from emu_edge.runtime.prompt import PromptBuilder
+    from emu_edge.training import generate
+    from emu_edge.training.tokenizer import encode_text_fn
+    from emu_edge.training.train import STAGES, StageLoss, make_batch
+
+    model, tokenizer, cfg = load_checkpoint(tiny_checkpoint)
+    builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
+    step = int(np.random.default_rng().integers(1000))
+    (images, noise, timesteps, drop, prompts), counts = make_batch(cfg, "5", step, 0, 1, builder, 0, model)
+    assert any(prompts) and not all(prompts)  # a mixture: some text-to-image, some autoencoding
+    with torch.no_grad():
+        got, _ = StageLoss(model, STAGES["5"], builder)((images, noise, timesteps, drop, prompts), counts)
+        cond = model.encoder(images, cfg.n_query)
+        for i, prompt in enumerate(prompts):
+            if prompt is not None:
+                cond[i] = generate.regress(model, builder, "text_to_image", [("text", prompt)])
+        want = model.diffusion_loss(images, cond, noise, timesteps, drop)
+        plain = model.diffusion_loss(images, model.encoder(images, cfg.n_query), noise, timesteps, drop)
+    torch.testing.assert_close(got, want)
+    assert not torch.isclose(got, plain)  # the regressed condition is not the encoder's
 
 
 def test_stage_0_labels_each_embedding_with_the_object_under_it():
