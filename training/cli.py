@@ -9,9 +9,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="small", help="tiny (tests) or small (the shipped default)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write (and to resume from)")
     parser.add_argument("--steps", type=int, help="optimizer steps per stage (default: the preset's)")
-    parser.add_argument("--stages", default="0,1,2,3,4", help="comma-separated stages to run, in order")
+    parser.add_argument("--stages", default="0,1,2,3,4,5", help="comma-separated stages to run, in order")
     parser.add_argument("--batch-size", type=int, help="global batch size (split across DDP ranks)")
     parser.add_argument("--resume", action="store_true", help="continue from the folder's last complete step")
+    parser.add_argument("--init-from", metavar="CHECKPOINT",
+                        help="start from a finished checkpoint's weights (e.g. the shipped model) instead of fresh ones")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         cfg.batch_size = args.batch_size
     try:
-        out = train(cfg, args.out, stages, resume=args.resume, progress=not args.no_progress)
+        out = train(cfg, args.out, stages, resume=args.resume, progress=not args.no_progress,
+                    init_from=args.init_from)
     except CheckpointError as e:
         raise SystemExit(f"emu-edge train: {e}")
     print(f"checkpoint written to {out}")

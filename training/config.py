@@ -43,8 +43,10 @@ class EmuConfig:
     cfg_drop: float = 0.1
     # Training (per stage; --steps on the command line overrides `steps`).
     batch_size: int = 32
-    steps: dict[str, int] = field(default_factory=lambda: {"0": 2000, "1": 1500, "2": 3000, "3": 800, "4": 1200})
-    lr: dict[str, float] = field(default_factory=lambda: {"0": 1e-3, "1": 2e-3, "2": 1e-3, "3": 1e-3, "4": 1e-3})
+    steps: dict[str, int] = field(default_factory=lambda: {"0": 2000, "1": 1500, "2": 3000, "3": 800, "4": 1200,
+                                                           "5": 800})
+    lr: dict[str, float] = field(default_factory=lambda: {"0": 1e-3, "1": 2e-3, "2": 1e-3, "3": 1e-3, "4": 1e-3,
+                                                          "5": 3e-4})
     encoder_lr: float = 5e-4  # peak for the vision encoder (it trains in stages 0 and 1 only)
     warmup: int = 50
     weight_decay: float = 0.01
@@ -76,6 +78,9 @@ class EmuConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("prediction_type", "epsilon")  # configs written before the field trained eps
+        for key in ("steps", "lr"):  # configs written before a stage existed lack its entry
+            if key in d:
+                d[key] = {**getattr(cls(), key), **d[key]}
         if "unet_channels" in d:
             d["unet_channels"] = tuple(d["unet_channels"])
         return cls(**d).validate()
@@ -91,7 +96,7 @@ PRESETS: dict[str, EmuConfig] = {
         vision_heads=2, vision_intermediate=64, n_query=4, frame_n_query=1,
         vocab_size=320, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_length=256,
         unet_channels=(16, 32), unet_attn_levels=1, unet_head_dim=8, unet_norm_groups=8, batch_size=8,
-        steps={"0": 20, "1": 20, "2": 20, "3": 20, "4": 20}, warmup=5, save_every=10,
+        steps={"0": 20, "1": 20, "2": 20, "3": 20, "4": 20, "5": 20}, warmup=5, save_every=10,
     ),
     # The shipped default.
     "small": EmuConfig(preset="small"),

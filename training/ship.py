@@ -41,7 +41,9 @@ def load_run(src: Path):
                                                   and state["stage"] == max(state.get("stages", [state["stage"]])))
     if finished:
         model, tokenizer, cfg = load_checkpoint(src)
-        return model, tokenizer, cfg, {"last_step": step.name if step else None, "complete": True}
+        training = json.loads((src / "emu.json").read_text()).get("training") or {}
+        return model, tokenizer, cfg, {"last_step": step.name if step else None, "complete": True,
+                                       **({"init_from": training["init_from"]} if "init_from" in training else {})}
     if step is None:
         raise CheckpointError(f"{src} has neither a checkpoint (emu.json) nor a complete step folder")
     cfg = EmuConfig.from_dict(json.loads((src / "train_config.json").read_text()))
@@ -49,8 +51,8 @@ def load_run(src: Path):
     cfg.vocab_size = tokenizer.get_vocab_size()
     model = EmuModel(cfg, special_token_ids(tokenizer))
     load_step(step, model)
-    return model.eval(), tokenizer, cfg, {"last_step": step.name, "complete": False,
-                                          "planned_steps": cfg.steps}
+    return model.eval(), tokenizer, cfg, {"last_step": step.name, "complete": False, "planned_steps": cfg.steps,
+                                          **({"init_from": state["init_from"]} if "init_from" in state else {})}
 
 
 def take_unet(model, training: dict, unet_src: Path) -> None:

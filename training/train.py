@@ -11,6 +11,12 @@ Stage 3  joint: text cross-entropy + L2 regression of visual embeddings (text-to
          and subject-driven pairs); encoder frozen.
 Stage 4  instruction tuning ([USER]: ... [ASSISTANT]: ..., loss on answers only) on VQA,
          chat, few-shot and video, replaying stage 3's tasks so they are not forgotten.
+Stage 5  generation alignment (ours, not in Emu2): the U-Net alone again, now conditioned on
+         the embeddings the decoder regresses from text prompts, mixed with the encoder's
+         own embeddings so that autoencoding and subject-driven generation are kept. The L2
+         regression of stage 3 predicts the mean over every image a prompt allows (an
+         object's position is not in the prompt), a blur the stage-2 U-Net never saw; at
+         Emu2's scale the regressed embeddings are sharp enough, at ours they are not.
 
 Every batch is a pure function of (seed, stage, step): the data position and all noise
 follow from the step counter, so resuming, and sharding one global batch across DDP ranks,
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +54,7 @@ class Stage:
     name: str
     tasks: dict[str, float]
     trainable: tuple[str, ...]
-    kind: str  # "attributes", "text" or "diffusion"
+    kind: str  # "attributes", "text", "diffusion" or "alignment"
 
 
 STAGES: dict[str, Stage] = {
@@ -60,6 +67,8 @@ STAGES: dict[str, Stage] = {
     "4": Stage("instruction", {"vqa": 0.25, "chat": 0.15, "fewshot": 0.12, "video": 0.13, "captioning": 0.1,
                                "digits": 0.05, "text_to_image": 0.14, "subject": 0.06},
                ("llm", "project_up", "project_down"), "text"),
+    "5": Stage("generation alignment", {"text_to_image": 0.5, "captioning": 0.25, "digits": 0.1, "subject": 0.15},
+               ("unet",), "alignment"),
 }
 
 
@@ -74,13 +83,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 class StageLoss(nn.Module):
     """One module whose forward is a stage's loss, so DDP can wrap it."""
 
-    def __init__(self, model: EmuModel, stage: Stage):
+    def __init__(self, model: EmuModel, stage: Stage, builder: PromptBuilder):
         super().__init__()
         self.model = model
         self.stage = stage
+        self.builder = builder
+        # prompt -> regressed embeddings. The decoder is frozen in the alignment stage, so
+        # they never change, and the prompt grammar is closed: most batches hit the cache.
+        self.regressed: dict[str, torch.Tensor] = {}
 
     def forward(self, batch, counts: tuple[int, int]):
-        if self.stage.kind == "diffusion":
+        if self.stage.kind in ("diffusion", "alignment"):
             return self._diffusion(*batch, n_global=counts[0])
         if self.stage.kind == "attributes":
             return self._attributes(*batch, n_global=counts[0])
@@ -126,13 +139,26 @@ class StageLoss(nn.Module):
         loss = ce + m.cfg.regress_weight * l2
         return loss, {"ce": ce.detach(), "l2": l2.detach()}
 
-    def _diffusion(self, images, noise, timesteps, drop, n_global):
+    def _diffusion(self, images, noise, timesteps, drop, prompts, n_global):
         m = self.model
         with torch.no_grad():
             cond = m.encoder(images, m.cfg.n_query)
+            for i, prompt in enumerate(prompts):
+                if prompt is not None:
+                    cond[i] = self._regress(prompt)
         # This shard's share of the global mean, as for the text loss.
         loss = m.diffusion_loss(images, cond, noise, timesteps, drop) * (len(images) / n_global)
         return loss, {"mse": loss.detach()}
+
+    def _regress(self, prompt: str) -> torch.Tensor:
+        if prompt not in self.regressed:
+            from emu_edge.training.generate import regress
+
+            was_training = self.model.training
+            self.model.eval()  # the same embeddings generation will see (no dropout)
+            self.regressed[prompt] = regress(self.model, self.builder, "text_to_image", [("text", prompt)])
+            self.model.train(was_training)
+        return self.regressed[prompt]
 
 
 def global_samples(cfg: EmuConfig, stage_id: str, step: int):
@@ -151,13 +177,17 @@ def make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model):
         images = to_pixels(np.stack([image_of(s) for s in samples]))
         targets = torch.stack([attribute_targets(s, cfg.n_query) for s in samples])
         return (images[shard], targets[shard]), (int((targets[..., 0] != -100).sum()), 0)
-    if STAGES[stage_id].kind == "diffusion":
+    if STAGES[stage_id].kind in ("diffusion", "alignment"):
         images = to_pixels(np.stack([image_of(s) for s in samples]))
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + int(stage_id)) * 1_000_003 + step)
         noise = torch.randn(images.shape, generator=g)
         timesteps = torch.randint(0, cfg.train_timesteps, (len(samples),), generator=g)
         drop = torch.rand(len(samples), generator=g) < cfg.cfg_drop
-        return (images[shard], noise[shard], timesteps[shard], drop[shard]), (len(samples), 0)
+        # Alignment conditions text-to-image targets on what the decoder regresses from
+        # their prompt; every other image on its own encoder embeddings.
+        aligned = STAGES[stage_id].kind == "alignment"
+        prompts = [s.segments[0].value if aligned and s.task == "text_to_image" else None for s in samples]
+        return (images[shard], noise[shard], timesteps[shard], drop[shard], prompts[shard]), (len(samples), 0)
     full = collate(samples, builder, pad_id)
     counts = (int((full.targets != -100).sum()), int(full.regress.sum()))
     return collate(samples[rank::world], builder, pad_id), counts
@@ -180,8 +210,9 @@ def init_distributed() -> tuple[int, int]:
     return (dist.get_rank() if world > 1 else 0), world
 
 
-def prepare(cfg: EmuConfig, out: Path, resume: bool, log):
-    """Tokenizer and model: fresh, or the run's own when resuming."""
+def prepare(cfg: EmuConfig, out: Path, resume: bool, log, init_from: Path | None = None):
+    """Tokenizer and model: fresh, the run's own when resuming, or a finished checkpoint's
+    (init_from: continue training a shipped model with later stages)."""
     from tokenizers import Tokenizer
 
     tok_file = out / "tokenizer.json"
@@ -190,6 +221,12 @@ def prepare(cfg: EmuConfig, out: Path, resume: bool, log):
             raise ckpt.CheckpointError(f"--resume: nothing to resume in {out} (no steps/latest.json); "
                                        "start without --resume")
         tokenizer = Tokenizer.from_file(str(tok_file))
+    elif init_from is not None:
+        model, tokenizer, theirs = ckpt.load_checkpoint(init_from)
+        _check_same_model(cfg, theirs, init_from)
+        cfg.vocab_size = theirs.vocab_size
+        log(f"initialised from {init_from}")
+        return model, tokenizer
     else:
         tokenizer = train_tokenizer(data.corpus(), cfg.vocab_size)
     token_ids = special_token_ids(tokenizer)
@@ -201,21 +238,39 @@ def prepare(cfg: EmuConfig, out: Path, resume: bool, log):
     return model, tokenizer
 
 
+# Settings of the run, not of the model: --init-from may change these.
+_TRAINING_FIELDS = {"preset", "vocab_size", "batch_size", "steps", "lr", "encoder_lr", "warmup", "weight_decay",
+                    "grad_clip", "regress_weight", "save_every", "seed", "cfg_drop"}
+
+
+def _check_same_model(cfg: EmuConfig, theirs: EmuConfig, path: Path) -> None:
+    mine, other = cfg.to_dict(), theirs.to_dict()
+    differ = [k for k in mine if k not in _TRAINING_FIELDS and mine[k] != other[k]]
+    if differ:
+        raise ckpt.CheckpointError(f"--init-from {path}: its model differs from preset {cfg.preset!r} in "
+                                   + ", ".join(f"{k} ({other[k]} vs {mine[k]})" for k in differ)
+                                   + f"; pass the preset it was trained with (--preset {theirs.preset})")
+
+
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = False,
-          stop_after: int | None = None, judge: bool = True, progress: bool = True) -> Path:
+          stop_after: int | None = None, judge: bool = True, progress: bool = True,
+          init_from: str | Path | None = None) -> Path:
     """Run `stages` in order into `out`. stop_after: end (as if killed) after that many
-    optimizer steps in this call; the tests use it to interrupt a run and resume it."""
+    optimizer steps in this call; the tests use it to interrupt a run and resume it.
+    init_from: a finished checkpoint folder to start from instead of fresh weights."""
     out = Path(out)
     rank, world = init_distributed()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} must divide by the {world} ranks")
     log = print if rank == 0 else (lambda *a, **k: None)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = prepare(cfg, out, resume, log)
+    if resume and init_from is not None:
+        raise ckpt.CheckpointError("--resume continues the run's own steps; drop --init-from")
+    model, tokenizer = prepare(cfg, out, resume, log, Path(init_from) if init_from is not None else None)
     if rank == 0 and not resume:
         tokenizer.save(str(out / "tokenizer.json"))
         (out / "train_config.json").write_text(cfg.dumps())
@@ -227,12 +282,13 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
     if resume_folder is not None:
         state = json.loads((resume_folder / "state.json").read_text())
         start_stage, start_step = state["stage"], state["step"]
+        init_from = state.get("init_from")
         if state.get("stage_done"):
             later = [s for s in stages if int(s) > int(start_stage)]
             if not later:
                 log(f"--resume: {out} already finished stages {','.join(stages)}")
                 ckpt.load_step(resume_folder, model)
-                return _finish(model, tokenizer, cfg, out, rank, judge)
+                return _finish(model, tokenizer, cfg, out, rank, judge, init_from)
             start_stage, start_step = later[0], 0
     todo = [s for s in stages if int(s) >= int(start_stage)]
 
@@ -258,7 +314,7 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
             first = start_step if stage_id == start_stage else 0
             resume_folder = None
             log(f"resumed from {out / 'steps'} at stage {stage_id}, step {first}")
-        loss_module = StageLoss(model, stage)
+        loss_module = StageLoss(model, stage, builder)
         runner = loss_module
         if world > 1:
             runner = nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=True)
@@ -289,7 +345,8 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
             done = step + 1 == total
             if rank == 0 and (done or (step + 1) % cfg.save_every == 0):
                 ckpt.save_step(out, f"{stage_id}-{step + 1:06d}", model, optimizer,
-                               {"stage": stage_id, "step": step + 1, "stage_done": done, "stages": stages})
+                               {"stage": stage_id, "step": step + 1, "stage_done": done, "stages": stages,
+                                **({"init_from": str(init_from)} if init_from is not None else {})})
             if world > 1:
                 dist.barrier()
             if stop_after is not None and steps_run >= stop_after:
@@ -297,22 +354,27 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
                 return out
         if rank == 0:
             plot_losses(out)
-    result = _finish(model, tokenizer, cfg, out, rank, judge)
+    result = _finish(model, tokenizer, cfg, out, rank, judge, init_from)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return result
 
 
-def _finish(model, tokenizer, cfg, out, rank, judge) -> Path:
+def _finish(model, tokenizer, cfg, out, rank, judge, init_from=None) -> Path:
     if rank == 0:
         step = ckpt.latest_step(out)
-        ckpt.save_checkpoint(model, tokenizer, cfg, out,
-                             training={"last_step": step.name if step else None, "complete": True})
+        training = {"last_step": step.name if step else None, "complete": True}
+        if init_from is not None:
+            training["init_from"] = str(init_from)
+        ckpt.save_checkpoint(model, tokenizer, cfg, out, training=training)
         if judge and not (out / "judge.onnx").exists():
-            from emu_edge.training.judge import train_judge
+            if init_from is not None and (Path(init_from) / "judge.onnx").is_file():
+                shutil.copyfile(Path(init_from) / "judge.onnx", out / "judge.onnx")  # same renders, same judge
+            else:
+                from emu_edge.training.judge import train_judge
 
-            train_judge(cfg, out / "judge.onnx")
+                train_judge(cfg, out / "judge.onnx")
         plot_losses(out)
     return out
 
