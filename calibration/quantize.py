@@ -41,7 +41,7 @@ import onnx
 from emu_edge.calibration import sensitivity
 from emu_edge.calibration.calibrate import Calibration
 from emu_edge.runtime.backends import import_onnxruntime
-from emu_edge.runtime.bundle import Bundle, version_key
+from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.manifest import PRECISIONS, GraphSpec, ModelSpec
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -80,12 +80,6 @@ NOT_INT8_BY_DEFAULT = {
 # Default --max-rel-error per precision: the worst output's mean relative error on
 # calibration samples above which nodes are kept in float.
 MAX_REL_ERROR = {"int8": 0.05, "int4": 0.15, "fp16": 0.01}
-# MatMulNBits' 8-bit CPU kernel ships from onnxruntime 1.22 (4-bit from 1.17, recorded in
-# export.bundle_writer); the op schema alone does not tell the bit width.
-MIN_ONNXRUNTIME_8BIT_MATMULNBITS = "1.22"
-# onnxruntime 1.20.0 fails float16 SkipSimplifiedLayerNormalization on the CPU (prepacked
-# gamma reported missing); 1.20.1 runs it. float32 graphs need only the op's own minimum.
-MIN_ONNXRUNTIME_FP16_SKIP_NORM = "1.20.1"
 # onnxruntime 1.31 reads IR <= 13, the devices' onnxruntime (JetPack 6, 1.16+) IR <= 9.
 MAX_IR_VERSION = 9
 
@@ -286,11 +280,6 @@ def weight_only(model: onnx.ModelProto, bits: int, settings: QuantizeSettings, e
         others = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in heads]
         out = run(out, 8, others)
     return _fix_versions(out, model)
-
-
-def _bits(model: onnx.ModelProto) -> set[int]:
-    return {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
-            for a in n.attribute if a.name == "bits"}
 
 
 class _Reader:
@@ -584,12 +573,6 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, settings: Quantize
             extra["quantization"] = {k: v for k, v in result.to_dict().items() if k != "calibration_error"}
             new = writer.add_graph(name, model, precision=target, profiles=spec.profiles,
                                    dynamic_axes=spec.dynamic_axes, extra=extra)
-            if 8 in _bits(model):
-                new.min_onnxruntime = max(new.min_onnxruntime, MIN_ONNXRUNTIME_8BIT_MATMULNBITS, key=version_key)
-                log(f"    8-bit MatMulNBits: onnxruntime >= {new.min_onnxruntime}")
-            if target == "fp16" and any(n.op_type == "SkipSimplifiedLayerNormalization" for n in model.graph.node):
-                new.min_onnxruntime = max(new.min_onnxruntime, MIN_ONNXRUNTIME_FP16_SKIP_NORM, key=version_key)
-                log(f"    float16 SkipSimplifiedLayerNormalization: onnxruntime >= {new.min_onnxruntime}")
             if target == "fp16" and name in WEIGHT_ONLY_GRAPHS:
                 model_spec.kv.dtype = "float16"
             results[name] = result

@@ -33,9 +33,19 @@ MIN_ONNXRUNTIME_FOR_OPS = {
     # 4-bit weights: onnxruntime 1.16.3 refuses the op, 1.17.3 runs it.
     ("com.microsoft", "MatMulNBits"): "1.17",
     # Residual add + RMSNorm ("gqa" decoders), float32: 1.20.0 runs it and matches 1.31
-    # (checked). Its float16 CPU kernel fails in 1.20.0 (prepacked gamma reported missing,
-    # onnxruntime issue 22704, fixed in 1.20.1): emu-edge quantize records that for fp16.
+    # (checked); float16 below.
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): "1.20",
+}
+# Kernels that came later than their operator, for some of its attributes or types:
+# (domain, op) -> (does this node need it, version).
+# - MatMulNBits' 8-bit CPU kernel ships from 1.22; the op schema does not tell the width.
+# - SkipSimplifiedLayerNormalization in float16 fails in 1.20.0 (prepacked gamma reported
+#   missing, onnxruntime issue 22704) and runs from 1.20.1.
+_MIN_ONNXRUNTIME_FOR_VARIANTS = {
+    ("com.microsoft", "MatMulNBits"): (
+        lambda node, dtypes: any(a.name == "bits" and a.i == 8 for a in node.attribute), "1.22"),
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (
+        lambda node, dtypes: dtypes.get(node.input[2]) == onnx.TensorProto.FLOAT16, "1.20.1"),
 }
 
 
@@ -54,10 +64,15 @@ def min_onnxruntime_for(model: onnx.ModelProto) -> str:
             "on the devices can read them (set model.ir_version and the opset explicitly)")
     needed.append(_ORT_FOR_IR.get(model.ir_version, BASE_ONNXRUNTIME))
     needed.append(_ORT_FOR_OPSET.get(opset, BASE_ONNXRUNTIME))
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
     for node in model.graph.node:
-        version = MIN_ONNXRUNTIME_FOR_OPS.get((node.domain, node.op_type))
+        key = (node.domain, node.op_type)
+        version = MIN_ONNXRUNTIME_FOR_OPS.get(key)
         if version:
             needed.append(version)
+            applies, later = _MIN_ONNXRUNTIME_FOR_VARIANTS.get(key, (None, None))
+            if applies is not None and applies(node, dtypes):
+                needed.append(later)
         elif node.domain not in ("", "ai.onnx"):
             raise BundleWriteError(
                 f"graph {model.graph.name!r} uses {node.domain}.{node.op_type}, whose minimum onnxruntime "
