@@ -327,11 +327,11 @@ def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_le
             normed = g.rms_norm(x, final_w, eps, "final_norm")
         else:
             normed, _ = g.skip_rms_norm(x, pending, final_w, eps, "final_norm", keep_sum=False)
-        last = _gather_last_lean(g, normed, x_in, seqlens_k)
+        last = _gather_last(g, normed, x_in, seqlens_k)
     else:
         # Only the last real position of each row goes through the head: norm is per
         # position, so gathering first saves S - 1 rows of lm_head on a prefill.
-        last = g.rms_norm(lengths.gather_last(x), final_w, eps, "final_norm")
+        last = g.rms_norm(_gather_last(g, x, x_in, seqlens_k), final_w, eps, "final_norm")
     lm_head = weights.get("lm_head.weight")
     if lm_head is None:  # tied embeddings: save_pretrained leaves lm_head out
         lm_head = w["model.embed_tokens.weight"]
@@ -374,12 +374,10 @@ class _Lengths:
         self.seq = g.op("Gather", shape, g.const(1), axis=0, name="lengths/sequence")      # scalar
         self.seqlens = g.op("Cast", seqlens_k, to=TensorProto.INT64, name="lengths/seqlens")  # [B]
         self.total = g.op("Cast", total_len, to=TensorProto.INT64, name="lengths/total")      # scalar
-        # past_b = max(0, seqlens_k[b] + 1 - S); the last real token of row b sits at index
-        # seqlens_k[b] - past_b of this call's S positions.
+        # past_b = max(0, seqlens_k[b] + 1 - S)
         new_end = g.op("Sub", g.op("Add", self.seqlens, g.const(1), name="lengths/count"), self.seq,
                        name="lengths/past_raw")
         self.past = g.op("Max", new_end, g.const(0), name="lengths/past")                 # [B]
-        self.last_index = g.op("Sub", self.seqlens, self.past, name="lengths/last_index")  # [B]
 
     def add_positions(self, cos: str, sin: str) -> None:
         g = self.g
@@ -411,19 +409,11 @@ class _Lengths:
         self.allowed = g.op("Unsqueeze", allowed, g.const([1, 2]), name="mask/allowed5d")
         self.total_1d = g.op("Unsqueeze", self.total, g.const([0]), name="mask/total1d")
 
-    def gather_last(self, x: str) -> str:
-        """x [B, S, H] -> x[b, last_index[b]] [B, H]."""
-        g = self.g
-        flat = g.op("Reshape", x, g.const([-1, self.dims.hidden_size]), name="last/flat")
-        rows = g.op("Range", g.const(0), self.batch, g.const(1), name="last/rows")
-        index = g.op("Add", g.op("Mul", rows, self.seq, name="last/row_start"), self.last_index, name="last/index")
-        return g.op("Gather", flat, index, axis=0, name="last/gather")
 
-
-def _gather_last_lean(g: GraphBuilder, x: str, inputs_embeds: str, seqlens_k: str) -> str:
-    """x [B, S, H] -> the row of each batch row's last real token [B, H], in fewer nodes
-    than _Lengths.gather_last (each node is a dispatch on every decode step): that token
-    sits at index seqlens_k[b] - past_b = min(seqlens_k[b], S - 1) of this call's S."""
+def _gather_last(g: GraphBuilder, x: str, inputs_embeds: str, seqlens_k: str) -> str:
+    """x [B, S, H] -> the row of each batch row's last real token [B, H]: that token sits
+    at index seqlens_k[b] - past_b = min(seqlens_k[b], S - 1) of this call's S (few nodes:
+    each is a dispatch on every decode step)."""
     seq = g.op("Shape", inputs_embeds, start=1, end=2, name="last/sequence")             # [1]
     last_slot = g.op("Sub", seq, g.const([1]), name="last/last_slot")
     seqlens = g.op("Cast", seqlens_k, to=TensorProto.INT64, name="last/seqlens")          # [B]
