@@ -182,15 +182,13 @@ class DecoderSession:
             for s in range(steps):
                 out = self._forward(embeds[:, s : s + 1], np.ones(self.batch, np.int64))
             return out
-        return self._forward(embeds, np.full(self.batch, steps, np.int64))
+        return self._forward(embeds, steps)
 
     def step(self, inputs_embeds: np.ndarray) -> DecoderOutput:
         embeds = self._check_embeds(inputs_embeds)
         if embeds.shape[1] != 1:
             raise DecoderError(f"step() takes one position per row, got {embeds.shape[1]}; use extend()")
-        if not self.cache.lengths.any():
-            return self.prefill(embeds)
-        return self._forward(embeds, 1)
+        return self.extend(embeds)
 
     def step_ids(self, token_ids: np.ndarray, embed_backend, embed) -> DecoderOutput:
         """step() for one token id per row ([B, 1] int64). On the CPU, embed.onnx (run by
@@ -199,7 +197,7 @@ class DecoderSession:
         (ids -> inputs_embeds) and step()."""
         if token_ids.shape != (self.batch, 1):
             raise DecoderError(f"step_ids() takes token ids of shape [{self.batch}, 1], got {list(token_ids.shape)}")
-        if not (self._host and embed_backend.device == "cpu" and self.cache.lengths.any()):
+        if not (self._host and embed_backend.device == "cpu" and self.cache.lengths.max() > 0):
             return self.step(embed(token_ids))
         if self._embed_binding is None or self._embed_binding[0] is not embed_backend:
             self._embed_binding = (embed_backend, self._bind_embed(embed_backend))
