@@ -71,7 +71,8 @@ class Problem:
         return f"{self.graph}: {self.where}: {self.message}"
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every value fixed before the graph runs: initializers and Constant node outputs."""
     out = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -86,7 +87,7 @@ def check_graph(model: onnx.ModelProto, profiles: dict, name: str) -> list[Probl
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if not TRT_OPSETS[0] <= opset <= TRT_OPSETS[1]:
         problems.append(Problem(name, "opset", f"opset {opset} is outside TensorRT's {TRT_OPSETS[0]}-{TRT_OPSETS[1]}"))
-    constants = _constants(model)
+    constants = constant_tensors(model)
     for node in model.graph.node:
         where = node.name or node.op_type
         if node.domain not in ("", "ai.onnx"):

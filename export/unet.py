@@ -31,6 +31,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from emu_edge.export.trt_check import constant_tensors
 from emu_edge.export.vision import _to_proto, load_folder
 
 
@@ -98,13 +99,7 @@ def optimize_unet_graph(model: onnx.ModelProto, feeds_for_batch) -> onnx.ModelPr
 
 
 def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    out[node.output[0]] = numpy_helper.to_array(attr.t)
-    return out
+    return {name: numpy_helper.to_array(t) for name, t in constant_tensors(model).items()}
 
 
 def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
