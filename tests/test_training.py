@@ -233,6 +233,17 @@ def test_init_from_continues_a_shipped_model_with_later_stages(tmp_path):
         train(_tiny(1, hidden=32), tmp_path / "bad", ["4"], progress=False, init_from=shipped)
 
 
+def test_seed_chooses_the_data_stream(tmp_path):
+    # A continuation given a new seed sees new samples; the seed is kept for --resume.
+    from emu_edge.training.train import global_samples
+
+    captions = lambda seed: [s.segments[-1].value for s in global_samples(_tiny(1, seed=seed), "1", 0)]
+    assert captions(0) != captions(1)
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--stages", "1", "--steps", "1",
+                 "--seed", "7", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "emu.json").read_text())["config"]["seed"] == 7
+
+
 def test_alignment_conditions_text_to_image_on_regressed_embeddings(tiny_checkpoint):
     import numpy as np
 

@@ -11,6 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per stage (default: the preset's)")
     parser.add_argument("--stages", default="0,1,2,3,4,5", help="comma-separated stages to run, in order")
     parser.add_argument("--batch-size", type=int, help="global batch size (split across DDP ranks)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the data stream and fresh weights (default: the preset's); give a continuation "
+                             "(--init-from) a new one so it sees new samples, not the ones its source trained on")
     parser.add_argument("--resume", action="store_true", help="continue from the folder's last complete step")
     parser.add_argument("--init-from", metavar="CHECKPOINT",
                         help="start from a finished checkpoint's weights (e.g. the shipped model) instead of fresh ones")
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.steps = {s: args.steps for s in cfg.steps}
     if args.batch_size is not None:
         cfg.batch_size = args.batch_size
+    if args.seed is not None:
+        cfg.seed = args.seed
     try:
         out = train(cfg, args.out, stages, resume=args.resume, progress=not args.no_progress,
                     init_from=args.init_from)
