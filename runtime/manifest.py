@@ -185,8 +185,6 @@ class ModelSpec(_Spec):
     special_tokens: dict[str, int] = field(default_factory=dict)
     n_query: int | None = None                 # visual embeddings per image
     frame_n_query: int | None = None           # visual embeddings per video frame
-    video_frames: int | None = None            # frames sampled from a video
-    frame_n_query: int | None = None           # visual embeddings per video frame
     video_frames: int | None = None            # frames a clip is sampled to
     visual_dim: int | None = None
     image_size: int | None = None

@@ -84,6 +84,12 @@ class Pipeline:
         """input_ids [B, S] (+ image_embeds [N, visual_dim] for the N image tokens) -> [B, S, H]."""
         backend = self.backends["embed"]
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}
+        placeholders = int((feeds["input_ids"] == self._image_id).sum()) if self._image_id is not None else 0
+        given = 0 if image_embeds is None else len(image_embeds)
+        if placeholders != given:
+            raise ValueError(f"{placeholders} {IMAGE} placeholder token(s) (id {self._image_id}) but {given} image "
+                             f"embedding(s); pass images as items (generate_text, generate_image), not their "
+                             f"placeholder ids")
         if "image_embeds" in backend.input_names:
             if image_embeds is None:
                 # No image tokens: an empty [0, visual_dim] block (onnxruntime takes 0-sized dims).
@@ -92,6 +98,17 @@ class Pipeline:
         elif image_embeds is not None:
             raise ValueError("this bundle's embed graph takes no image embeddings (a text-only bundle)")
         return backend.run(feeds, ["inputs_embeds"])["inputs_embeds"]
+
+    @property
+    def _image_id(self) -> int | None:
+        return self.manifest.model.special_tokens.get(IMAGE)
+
+    def _text_scores(self, logits: np.ndarray) -> np.ndarray:
+        """The text loops never sample <image>: it stands for a visual embedding, which a
+        text step cannot supply (fed back, it would stop the loop with an error)."""
+        if self._image_id is not None:
+            logits[:, self._image_id] = -np.inf
+        return logits
 
     def session(self, batch: int = 1) -> DecoderSession:
         """The decoder session for `batch` rows; its KV cache is allocated once and reused
@@ -119,6 +136,8 @@ class Pipeline:
     def decode_one(self, session: DecoderSession, tokens: np.ndarray) -> DecoderOutput:
         """Feed one token per row; tokens [B]."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if self._image_id is not None and (ids == self._image_id).any():
+            raise ValueError(f"decode_one takes text tokens; {IMAGE} (id {self._image_id}) needs a visual embedding")
         return session.step_ids(ids, self.backends["embed"], self.embed)
 
     def stream_ids(self, rows: list[list[int]], max_new_tokens: int, sampler: Sampler, stop_ids: list[int],
@@ -140,7 +159,7 @@ class Pipeline:
         done = [False] * len(rows)
         stop = set(stop_ids)
         for step in range(max_new_tokens):
-            tokens = sampler(out.logits, history)
+            tokens = sampler(self._text_scores(out.logits), history)
             yield [None if done[b] else t for b, t in enumerate(tokens.tolist())]
             for b, token in enumerate(tokens.tolist()):
                 if not done[b]:
@@ -499,7 +518,7 @@ class Conversation:
         def tokens():
             nonlocal out
             for step in range(max_new_tokens):
-                token = int(sampler(out.logits, [self.history])[0])
+                token = int(sampler(pipe._text_scores(out.logits), [self.history])[0])
                 if token == eos:
                     self.unfed = [token]
                     return

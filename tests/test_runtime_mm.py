@@ -176,6 +176,26 @@ def test_prompt_longer_than_the_context_names_the_limit(pipe):
     assert isinstance(pipe.generate_text([long, image, "what colour?"], max_new_tokens=4, truncate=True), str)
 
 
+def test_image_placeholder_is_never_a_text_token(tiny_bundle, monkeypatch):
+    pipe = Pipeline.load(tiny_bundle)  # its own: the logits are rigged below
+    image_id = pipe.manifest.model.special_tokens["<image>"]
+    with pytest.raises(ValueError, match="<image>"):
+        pipe.generate_ids([1, image_id, 9], 2)
+    with pytest.raises(ValueError, match="<image>"):
+        pipe.decode_one(pipe.session(1), np.array([image_id]))
+    # A model that ranks <image> first at every step: the text loop picks around it
+    # instead of feeding back a placeholder it has no embedding for.
+    for name in ("prefill", "decode_one"):
+        def rigged(*args, _real=getattr(pipe, name), **kwargs):
+            out = _real(*args, **kwargs)
+            out.logits[:, image_id] = out.logits.max() + 10
+            return out
+        monkeypatch.setattr(pipe, name, rigged)
+    for sampling in ({}, {"do_sample": True, "seed": 0}):
+        new = pipe.generate_ids([1, 9, 10], 6, ignore_eos=True, **sampling)
+        assert len(new) == 6 and image_id not in new
+
+
 @pytest.mark.parametrize("kwargs, named", [
     (dict(temperature=0, do_sample=True), "temperature"),
     (dict(top_p=1.5), "top_p"),
