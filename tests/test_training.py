@@ -153,6 +153,12 @@ def test_eval_writes_every_metric_and_reproduces_itself(tiny_checkpoint, tmp_pat
     metrics = json.loads(first.read_text())
     for key in EVAL_KEYS:
         assert 0.0 <= metrics[key] <= 1.0, key
+    parts = metrics["breakdown"]
+    assert parts["t2i"]["both"] == metrics["t2i_attribute_accuracy"]
+    for attributes in (parts["t2i"], parts["autoencode"]):
+        assert attributes["both"] <= min(attributes["colour"], attributes["shape"])
+    assert set(parts["vqa_by_question"]) <= {"colour", "shape", "size", "count", "position"}
+    assert set(parts["vqa_by_objects"]) <= {"one object", "two objects"}
     assert first.read_text() == second.read_text()
 
 

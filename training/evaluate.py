@@ -39,6 +39,17 @@ def _one_object(samples, n):
     return picked[:n]
 
 
+def _mean_by(keys: list[str], hits: list[bool]) -> dict[str, float]:
+    return {k: float(np.mean([h for kk, h in zip(keys, hits) if kk == k])) for k in sorted(set(keys))}
+
+
+def _attribute_hits(got: list[tuple[str, str]], want: list[tuple[str, str]]) -> dict[str, float]:
+    """(colour, shape) pairs as judged against the truth: each attribute alone, then both."""
+    return {"colour": float(np.mean([g[0] == w[0] for g, w in zip(got, want)])),
+            "shape": float(np.mean([g[1] == w[1] for g, w in zip(got, want)])),
+            "both": float(np.mean([g == w for g, w in zip(got, want)]))}
+
+
 def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None = None,
              guidance: float | None = None, split: str = "test") -> dict:
     """The metrics of issue 2 on `split` (val is for tuning generation settings, test for
@@ -57,17 +68,27 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
     size = cfg.image_size
     results: dict[str, float | int] = {}
 
-    def text_accuracy(task: str, samples, correct=lambda got, want: got == want) -> float:
-        hits = 0
+    breakdown: dict[str, dict[str, float]] = {}
+
+    def text_hits(task: str, samples, correct=lambda got, want: got == want) -> list[bool]:
+        hits = []
         for s in samples:
             prompt, want = _split_answer(s)
-            hits += correct(gen.greedy_text(model, tokenizer, builder, s.task, prompt), want)
-        log(f"  {task}: {hits}/{len(samples)}")
-        return hits / len(samples)
+            hits.append(bool(correct(gen.greedy_text(model, tokenizer, builder, s.task, prompt), want)))
+        log(f"  {task}: {sum(hits)}/{len(samples)}")
+        return hits
+
+    def text_accuracy(task: str, samples, correct=lambda got, want: got == want) -> float:
+        return float(np.mean(text_hits(task, samples, correct)))
 
     log("text tasks")
     results["caption_accuracy"] = text_accuracy("captioning", data.captioning(split, n["captioning"], size=size))
-    results["vqa_accuracy"] = text_accuracy("vqa", data.vqa(split, n["vqa"], size=size))
+    vqa = data.vqa(split, n["vqa"], size=size)
+    hits = text_hits("vqa", vqa)
+    results["vqa_accuracy"] = float(np.mean(hits))
+    breakdown["vqa_by_question"] = _mean_by([s.meta["question_type"] for s in vqa], hits)
+    breakdown["vqa_by_objects"] = _mean_by(
+        ["one object" if len(s.meta["scene"].objects) == 1 else "two objects" for s in vqa], hits)
     # A digit counts when the caption names the right digit (its last word).
     results["digit_accuracy"] = text_accuracy(
         "digits", data.digits(split, n["digits"], size=size),
@@ -92,6 +113,7 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
     want = [(s.meta["colour"], s.meta["shape"]) for s in t2i]
     got = list(zip(verdict["colour"], verdict["shape"]))
     results["t2i_attribute_accuracy"] = float(np.mean([g == w for g, w in zip(got, want)]))
+    breakdown["t2i"] = _attribute_hits(got, want)
     perm = np.random.default_rng(0).permutation(len(want))
     results["t2i_shuffled_baseline"] = float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
     log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} (shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
@@ -114,13 +136,18 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
     hits += [d == data.DIGIT_WORDS[s.meta["digit"]] for d, s in zip(v_dig["digit"], digits)]
     results["judge_accuracy"] = float(np.mean(hits))
 
-    originals = np.stack([s.segments[0].value for s in
-                          _one_object(data.captioning(split, 4 * n["autoencode"], size=size), n["autoencode"])])
-    recon = gen.autoencode(model, originals, **sample_kw)
-    results["autoencode_similarity"] = float(np.mean(Judge.cosine(judge(originals)["features"], judge(recon)["features"])))
+    scenes = _one_object(data.captioning(split, 4 * n["autoencode"], size=size), n["autoencode"])
+    originals = np.stack([s.segments[0].value for s in scenes])
+    recon = judge(gen.autoencode(model, originals, **sample_kw))
+    results["autoencode_similarity"] = float(np.mean(Judge.cosine(judge(originals)["features"], recon["features"])))
+    # The U-Net's ceiling for text-to-image: attributes kept when it decodes true embeddings.
+    breakdown["autoencode"] = _attribute_hits(list(zip(recon["colour"], recon["shape"])),
+                                              [(s.meta["scene"].objects[0].colour, s.meta["scene"].objects[0].shape)
+                                               for s in scenes])
     log(f"  autoencode similarity: {results['autoencode_similarity']:.3f}; judge: {results['judge_accuracy']:.3f}")
 
     out = {k: round(v, 4) for k, v in results.items()}
+    out["breakdown"] = {k: {name: round(v, 4) for name, v in d.items()} for k, d in breakdown.items()}
     out["samples"] = {k: v for k, v in n.items()}
     out["generation"] = sample_kw
     out["split"] = split
