@@ -48,8 +48,9 @@ class ReportSettings:
     t2i: int = 64               # one-object text-to-image prompts
     text_prompts: int = 64      # for text-only bundles
     max_new_tokens: int = 32
-    steps: int = 25             # denoising steps of the image metrics (as emu-edge eval)
-    guidance: float = 3.0
+    # Image metrics: None takes the bundle's generation defaults, as emu-edge eval does.
+    steps: int | None = None
+    guidance: float | None = None
     batch: int = 16
     speed_repeats: int = 5
     threads: int | None = None
@@ -218,7 +219,10 @@ def _images(fp32_pipe: Pipeline, variant_pipe: Pipeline, bundle: Bundle, s: Repo
     judge = Judge(bundle.graph_path("judge"))
     samples = t2i_prompts(s.t2i, fp32_pipe.manifest.model.image_size)
     prompts = [[x.segments[0].value] for x in samples]
-    kwargs = dict(steps=s.steps, guidance=s.guidance, scheduler="ddim", seed=0)
+    defaults = fp32_pipe.image_defaults()
+    steps = defaults["steps"] if s.steps is None else s.steps
+    guidance = defaults["guidance"] if s.guidance is None else s.guidance
+    kwargs = dict(steps=steps, guidance=guidance, scheduler="ddim", seed=0)
     # One batch, seed 0: the same noise per prompt in both bundles, as emu-edge eval draws it.
     want = np.stack([np.asarray(im) for im in fp32_pipe.generate_image_batch(prompts, **kwargs)])
     got = np.stack([np.asarray(im) for im in variant_pipe.generate_image_batch(prompts, **kwargs)])
@@ -240,6 +244,7 @@ def _images(fp32_pipe: Pipeline, variant_pipe: Pipeline, bundle: Bundle, s: Repo
     return {
         "t2i_attribute_accuracy": accuracy(v_got),
         "t2i_prompts": len(samples),
+        "t2i_generation": {"steps": steps, "guidance": guidance},
         "image_similarity": round(float(np.mean(Judge.cosine(v_want["features"], v_got["features"]))), 4),
         "image_pixel_mae": round(float(np.abs(want.astype(np.int16) - got.astype(np.int16)).mean()), 3),
     }

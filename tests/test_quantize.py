@@ -228,6 +228,11 @@ def test_report(int4, tiny_bundle, calib, tmp_path):
     for metric in ("caption_accuracy", "vqa_accuracy", "t2i_attribute_accuracy"):
         assert 0 <= report[metric] <= 1 and 0 <= report["fp32"][metric] <= 1
     assert 0.5 < report["image_similarity"] <= 1.0
+    # Images as emu-edge eval draws them: the bundle's guidance unless the settings name one.
+    guidance = SMALL_REPORT.guidance
+    if guidance is None:
+        guidance = Pipeline.load(tiny_bundle).image_defaults()["guidance"]
+    assert report["t2i_generation"]["guidance"] == guidance
     assert report["targets"]["token_agreement"]["target"] == ">= 0.85"
     assert report["speed"]["decode_tokens_per_s"]["fp32"] > 0
     json_path, table_path = write_report(report, tmp_path / "int4.json")
