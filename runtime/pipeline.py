@@ -84,12 +84,7 @@ class Pipeline:
         """input_ids [B, S] (+ image_embeds [N, visual_dim] for the N image tokens) -> [B, S, H]."""
         backend = self.backends["embed"]
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}
-        placeholders = int((feeds["input_ids"] == self._image_id).sum()) if self._image_id is not None else 0
-        given = 0 if image_embeds is None else len(image_embeds)
-        if placeholders != given:
-            raise ValueError(f"{placeholders} {IMAGE} placeholder token(s) (id {self._image_id}) but {given} image "
-                             f"embedding(s); pass images as items (generate_text, generate_image), not their "
-                             f"placeholder ids")
+        self._check_placeholders(feeds["input_ids"], 0 if image_embeds is None else len(image_embeds))
         if "image_embeds" in backend.input_names:
             if image_embeds is None:
                 # No image tokens: an empty [0, visual_dim] block (onnxruntime takes 0-sized dims).
@@ -102,6 +97,14 @@ class Pipeline:
     @property
     def _image_id(self) -> int | None:
         return self.manifest.model.special_tokens.get(IMAGE)
+
+    def _check_placeholders(self, ids: np.ndarray, given: int) -> None:
+        """Every <image> id in `ids` needs one of the `given` visual embeddings."""
+        placeholders = int((ids == self._image_id).sum()) if self._image_id is not None else 0
+        if placeholders != given:
+            raise ValueError(f"{placeholders} {IMAGE} placeholder token(s) (id {self._image_id}) but {given} image "
+                             f"embedding(s); pass images as items (generate_text, generate_image), not their "
+                             f"placeholder ids")
 
     def _text_scores(self, logits: np.ndarray) -> np.ndarray:
         """The text loops never sample <image>: it stands for a visual embedding, which a
@@ -136,8 +139,7 @@ class Pipeline:
     def decode_one(self, session: DecoderSession, tokens: np.ndarray) -> DecoderOutput:
         """Feed one token per row; tokens [B]."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
-        if self._image_id is not None and (ids == self._image_id).any():
-            raise ValueError(f"decode_one takes text tokens; {IMAGE} (id {self._image_id}) needs a visual embedding")
+        self._check_placeholders(ids, 0)  # the CPU fast path below skips embed() and its check
         return session.step_ids(ids, self.backends["embed"], self.embed)
 
     def stream_ids(self, rows: list[list[int]], max_new_tokens: int, sampler: Sampler, stop_ids: list[int],

@@ -112,8 +112,8 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
     verdict = judge(images)
     want = [(s.meta["colour"], s.meta["shape"]) for s in t2i]
     got = list(zip(verdict["colour"], verdict["shape"]))
-    results["t2i_attribute_accuracy"] = float(np.mean([g == w for g, w in zip(got, want)]))
     breakdown["t2i"] = _attribute_hits(got, want)
+    results["t2i_attribute_accuracy"] = breakdown["t2i"]["both"]
     perm = np.random.default_rng(0).permutation(len(want))
     results["t2i_shuffled_baseline"] = float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
     log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} (shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
