@@ -160,6 +160,17 @@ def test_eval_writes_every_metric_and_reproduces_itself(tiny_checkpoint, tmp_pat
     assert set(parts["vqa_by_question"]) <= {"colour", "shape", "size", "count", "position"}
     assert set(parts["vqa_by_objects"]) <= {"one object", "two objects"}
     assert first.read_text() == second.read_text()
+    # A subset scores the same samples the same way: what else runs does not move it.
+    part = tmp_path / "part.json"
+    assert main(["eval", str(tiny_checkpoint), "--scale", "0.03", "--steps", "4", "--json", str(part),
+                 "--only", "vqa,text_to_image"]) == 0
+    subset = json.loads(part.read_text())
+    assert set(subset["samples"]) == {"vqa", "text_to_image"}
+    assert {k: v for k, v in subset.items() if k in EVAL_KEYS} == {
+        k: metrics[k] for k in ("vqa_accuracy", "t2i_attribute_accuracy", "t2i_shuffled_baseline")}
+    assert subset["breakdown"]["t2i"] == parts["t2i"]
+    with pytest.raises(SystemExit, match="cooking"):
+        main(["eval", str(tiny_checkpoint), "--only", "vqa,cooking"])
 
 
 def test_ship_writes_fp16_weights_and_generation_defaults(tiny_checkpoint, tmp_path):
@@ -248,6 +259,60 @@ def test_seed_chooses_the_data_stream(tmp_path):
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--stages", "1", "--steps", "1",
                  "--seed", "7", "--no-progress"]) == 0
     assert json.loads((tmp_path / "run" / "emu.json").read_text())["config"]["seed"] == 7
+
+
+def test_mix_replaces_the_stage_mixture(tmp_path):
+    from emu_edge.training.train import STAGES, global_samples
+
+    assert {s.task for s in global_samples(_tiny(1, mixes={"4": {"vqa": 1.0}}), "4", 3)} == {"vqa"}
+    assert len({s.task for s in global_samples(_tiny(1), "4", 3)}) > 1 and set(STAGES["4"].tasks) != {"vqa"}
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--stages", "4", "--steps", "1", "--lr", "3e-4",
+                 "--mix", "vqa=3,chat=1", "--no-progress"]) == 0
+    config = json.loads((run / "emu.json").read_text())["config"]
+    assert config["mixes"] == {"4": {"vqa": 3.0, "chat": 1.0}} and config["lr"]["4"] == 3e-4
+    # A resumed run that would draw other samples is refused, naming what differs.
+    with pytest.raises(SystemExit, match="mixes"):
+        main(["train", "--preset", "tiny", "--out", str(run), "--stages", "4", "--steps", "2", "--resume",
+              "--mix", "vqa=1", "--no-progress"])
+
+
+@pytest.mark.parametrize("mix, message", [("vqa=1,cooking=2", "cooking"), ("vqa=x", "not a number"),
+                                          ("vqa", "TASK=WEIGHT"), ("vqa=-1", "TASK=WEIGHT"),
+                                          ("vqa=0", "positive sum")])
+def test_bad_mix_is_refused_by_name(mix, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--stages", "4", "--mix", mix])
+
+
+def test_mix_names_one_stage(tmp_path):
+    with pytest.raises(SystemExit, match="one stage"):
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--stages", "3,4", "--mix", "vqa=1"])
+
+
+def test_length_chunks_give_the_padded_batch_gradient(tiny_checkpoint):
+    # Stage 4 mixes short and long sequences; chunks sorted by length pad less, and their
+    # summed gradients must equal the whole batch's.
+    from emu_edge.runtime.prompt import PromptBuilder
+    from emu_edge.training.tokenizer import encode_text_fn
+    from emu_edge.training.train import STAGES, StageLoss, make_batch
+
+    model, tokenizer, cfg = load_checkpoint(tiny_checkpoint)
+    model.float().train()
+    builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
+    step = int(torch.randint(1000, ()))
+    grads = []
+    for chunks in (1, 4):
+        cfg.text_chunks = chunks
+        batch, counts = make_batch(cfg, "4", step, 0, 1, builder, 0, model)
+        assert len(batch) == chunks
+        model.zero_grad(set_to_none=True)
+        for chunk in batch:
+            StageLoss(model, STAGES["4"], builder)(chunk, counts)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.llm.parameters() if p.grad is not None]))
+    lengths = [c.input_ids.shape[1] for c in batch]
+    assert lengths == sorted(lengths)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
 def test_alignment_conditions_text_to_image_on_regressed_embeddings(tiny_checkpoint):

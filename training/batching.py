@@ -33,8 +33,20 @@ class TextBatch:
     order: list[tuple[str, int, int]]  # per visual in sequence order: (kind, first row, rows)
 
 
-def collate(samples, builder: PromptBuilder, pad_id: int) -> TextBatch:
-    encoded = [builder.encode(s.task, [(seg.kind, seg.value) for seg in s.segments]) for s in samples]
+def encode(samples, builder: PromptBuilder) -> list:
+    return [builder.encode(s.task, [(seg.kind, seg.value) for seg in s.segments]) for s in samples]
+
+
+def length_chunks(encoded: list, chunks: int) -> list[list]:
+    """Encoded samples sorted by length and cut into `chunks` runs of near-equal size, so
+    each run pads only to its own longest: a 4-shot sequence no longer pads 31 one-image
+    questions to its length."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    return [[encoded[i] for i in part] for part in np.array_split(order, min(chunks, len(encoded)))]
+
+
+def collate(encoded: list, pad_id: int) -> TextBatch:
+    """Encoded samples (see `encode`) -> one right-padded batch."""
     length = max(len(e.ids) for e in encoded)
     b = len(encoded)
     ids = torch.full((b, length), pad_id, dtype=torch.long)

@@ -10,6 +10,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="checkpoint folder to write (and to resume from)")
     parser.add_argument("--steps", type=int, help="optimizer steps per stage (default: the preset's)")
     parser.add_argument("--stages", default="0,1,2,3,4,5", help="comma-separated stages to run, in order")
+    parser.add_argument("--lr", type=float, help="peak learning rate of every stage run (default: the preset's, per stage)")
+    parser.add_argument("--mix", metavar="TASK=W,...",
+                        help="task weights replacing the stage's own mixture, e.g. vqa=0.6,chat=0.4 (one stage only; "
+                             "tasks: see emu_edge.data.TASKS)")
     parser.add_argument("--batch-size", type=int, help="global batch size (split across DDP ranks)")
     parser.add_argument("--seed", type=int,
                         help="seed of the data stream and fresh weights (default: the preset's); give a continuation "
@@ -18,6 +22,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", metavar="CHECKPOINT",
                         help="start from a finished checkpoint's weights (e.g. the shipped model) instead of fresh ones")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """"vqa=0.6,chat=0.4" -> {"vqa": 0.6, "chat": 0.4}, tasks and weights checked."""
+    from emu_edge.data import check_tasks
+
+    mix = {}
+    for part in text.split(","):
+        task, sep, weight = part.partition("=")
+        try:
+            mix[task.strip()] = float(weight) if sep else float("nan")
+        except ValueError:
+            raise ValueError(f"weight of {task.strip()!r} is not a number: {weight!r}") from None
+        if not mix[task.strip()] >= 0:
+            raise ValueError(f"each entry is TASK=WEIGHT with a weight >= 0; got {part!r}")
+    check_tasks(mix)
+    if not sum(mix.values()) > 0:
+        raise ValueError("the weights must have a positive sum")
+    return mix
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +62,17 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise SystemExit("emu-edge train: --steps must be >= 1")
         cfg.steps = {s: args.steps for s in cfg.steps}
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise SystemExit("emu-edge train: --lr must be > 0")
+        cfg.lr = {s: args.lr for s in cfg.lr}
+    if args.mix is not None:
+        if len(stages) != 1:
+            raise SystemExit(f"emu-edge train: --mix replaces one stage's mixture; --stages names {len(stages)}")
+        try:
+            cfg.mixes = {stages[0]: parse_mix(args.mix)}
+        except ValueError as e:
+            raise SystemExit(f"emu-edge train: --mix: {e}")
     if args.batch_size is not None:
         cfg.batch_size = args.batch_size
     if args.seed is not None:

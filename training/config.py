@@ -43,10 +43,15 @@ class EmuConfig:
     cfg_drop: float = 0.1
     # Training (per stage; --steps on the command line overrides `steps`).
     batch_size: int = 32
+    # Text stages run each rank's batch as this many length-sorted chunks (same gradient,
+    # far less padding: stage 4 mixes 85-token questions with 300-token few-shot episodes).
+    text_chunks: int = 4
     steps: dict[str, int] = field(default_factory=lambda: {"0": 2000, "1": 1500, "2": 3000, "3": 800, "4": 1200,
                                                            "5": 800})
     lr: dict[str, float] = field(default_factory=lambda: {"0": 1e-3, "1": 2e-3, "2": 1e-3, "3": 1e-3, "4": 1e-3,
                                                           "5": 3e-4})
+    # Per-stage task weights that replace the stage's own mixture (train.STAGES); `--mix`.
+    mixes: dict[str, dict[str, float]] = field(default_factory=dict)
     encoder_lr: float = 5e-4  # peak for the vision encoder (it trains in stages 0 and 1 only)
     warmup: int = 50
     weight_decay: float = 0.01

@@ -51,9 +51,14 @@ def _attribute_hits(got: list[tuple[str, str]], want: list[tuple[str, str]]) -> 
 
 
 def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None = None,
-             guidance: float | None = None, split: str = "test") -> dict:
+             guidance: float | None = None, split: str = "test", only: list[str] | None = None) -> dict:
     """The metrics of issue 2 on `split` (val is for tuning generation settings, test for
-    reporting). steps/guidance default to the checkpoint's generation defaults."""
+    reporting). steps/guidance default to the checkpoint's generation defaults. only: the
+    SIZES keys to score (default all); a metric's figures do not depend on what else runs."""
+    unknown = sorted(set(only or ()) - set(SIZES))
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {unknown}; choose from {', '.join(SIZES)}")
+    run = set(only or SIZES)
     torch.manual_seed(0)
     model, tokenizer, cfg = load_checkpoint(path)
     defaults = json.loads((Path(path) / "emu.json").read_text())["generation_defaults"]
@@ -64,7 +69,7 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
         raise CheckpointError(f"checkpoint file missing: {judge_file}")
     judge = Judge(judge_file)
     builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
-    n = {k: max(4, int(v * scale)) for k, v in SIZES.items()}
+    n = {k: max(4, int(v * scale)) for k, v in SIZES.items() if k in run}
     size = cfg.image_size
     results: dict[str, float | int] = {}
 
@@ -82,69 +87,82 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
         return float(np.mean(text_hits(task, samples, correct)))
 
     log("text tasks")
-    results["caption_accuracy"] = text_accuracy("captioning", data.captioning(split, n["captioning"], size=size))
-    vqa = data.vqa(split, n["vqa"], size=size)
-    hits = text_hits("vqa", vqa)
-    results["vqa_accuracy"] = float(np.mean(hits))
-    breakdown["vqa_by_question"] = _mean_by([s.meta["question_type"] for s in vqa], hits)
-    breakdown["vqa_by_objects"] = _mean_by(
-        ["one object" if len(s.meta["scene"].objects) == 1 else "two objects" for s in vqa], hits)
-    # A digit counts when the caption names the right digit (its last word).
-    results["digit_accuracy"] = text_accuracy(
-        "digits", data.digits(split, n["digits"], size=size),
-        correct=lambda got, want: got.split()[-1:] == want.split()[-1:])
-    results["video_accuracy"] = text_accuracy("video", data.video(split, n["video"], size=size))
-    results["fewshot_accuracy"] = text_accuracy("fewshot", data.fewshot(split, n["fewshot"], size=size))
-    # Chat: every turn is scored, with the true earlier turns as its history.
-    turns = []
-    for s in data.chat(split, n["chat"], size=size):
-        for i, seg in enumerate(s.segments):
-            if seg.kind == "answer":
-                turns.append(data.Sample(s.task, s.segments[: i + 1], s.meta))
-    results["chat_accuracy"] = text_accuracy("chat", turns)
+    if "captioning" in run:
+        results["caption_accuracy"] = text_accuracy("captioning", data.captioning(split, n["captioning"], size=size))
+    if "vqa" in run:
+        vqa = data.vqa(split, n["vqa"], size=size)
+        hits = text_hits("vqa", vqa)
+        results["vqa_accuracy"] = float(np.mean(hits))
+        breakdown["vqa_by_question"] = _mean_by([s.meta["question_type"] for s in vqa], hits)
+        breakdown["vqa_by_objects"] = _mean_by(
+            ["one object" if len(s.meta["scene"].objects) == 1 else "two objects" for s in vqa], hits)
+    if "digits" in run:
+        # A digit counts when the caption names the right digit (its last word).
+        results["digit_accuracy"] = text_accuracy(
+            "digits", data.digits(split, n["digits"], size=size),
+            correct=lambda got, want: got.split()[-1:] == want.split()[-1:])
+    if "video" in run:
+        results["video_accuracy"] = text_accuracy("video", data.video(split, n["video"], size=size))
+    if "fewshot" in run:
+        results["fewshot_accuracy"] = text_accuracy("fewshot", data.fewshot(split, n["fewshot"], size=size))
+    if "chat" in run:
+        # Every turn is scored, with the true earlier turns as its history.
+        turns = []
+        for s in data.chat(split, n["chat"], size=size):
+            for i, seg in enumerate(s.segments):
+                if seg.kind == "answer":
+                    turns.append(data.Sample(s.task, s.segments[: i + 1], s.meta))
+        results["chat_accuracy"] = text_accuracy("chat", turns)
 
     log("images")
     sample_kw = dict(steps=steps, guidance=guidance, seed=0, scheduler="ddim")
-    t2i = _one_object(data.text_to_image(split, 4 * n["text_to_image"], size=size), n["text_to_image"])
-    cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
-                                                               if k.kind == "text"]) for s in t2i])
-    images = gen.sample_images(model, cond, **sample_kw)
-    verdict = judge(images)
-    want = [(s.meta["colour"], s.meta["shape"]) for s in t2i]
-    got = list(zip(verdict["colour"], verdict["shape"]))
-    breakdown["t2i"] = _attribute_hits(got, want)
-    results["t2i_attribute_accuracy"] = breakdown["t2i"]["both"]
-    perm = np.random.default_rng(0).permutation(len(want))
-    results["t2i_shuffled_baseline"] = float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
-    log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} (shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
+    if "text_to_image" in run:
+        t2i = _one_object(data.text_to_image(split, 4 * n["text_to_image"], size=size), n["text_to_image"])
+        cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
+                                                                   if k.kind == "text"]) for s in t2i])
+        verdict = judge(gen.sample_images(model, cond, **sample_kw))
+        want = [(s.meta["colour"], s.meta["shape"]) for s in t2i]
+        got = list(zip(verdict["colour"], verdict["shape"]))
+        breakdown["t2i"] = _attribute_hits(got, want)
+        results["t2i_attribute_accuracy"] = breakdown["t2i"]["both"]
+        perm = np.random.default_rng(0).permutation(len(want))
+        results["t2i_shuffled_baseline"] = float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
+        log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} "
+            f"(shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
 
-    subj = data.subject(split, n["subject"], size=size)
-    cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
-                                                               if k.kind != "target_image"]) for s in subj])
-    verdict = judge(gen.sample_images(model, cond, **sample_kw))
-    results["subject_accuracy"] = float(np.mean([
-        (c, sh) == (s.meta["target"]["colour"], s.meta["target"]["shape"])
-        for c, sh, s in zip(verdict["colour"], verdict["shape"], subj)]))
-    log(f"  subject-driven: {results['subject_accuracy']:.3f}")
+    if "subject" in run:
+        subj = data.subject(split, n["subject"], size=size)
+        cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
+                                                                   if k.kind != "target_image"]) for s in subj])
+        verdict = judge(gen.sample_images(model, cond, **sample_kw))
+        results["subject_accuracy"] = float(np.mean([
+            (c, sh) == (s.meta["target"]["colour"], s.meta["target"]["shape"])
+            for c, sh, s in zip(verdict["colour"], verdict["shape"], subj)]))
+        log(f"  subject-driven: {results['subject_accuracy']:.3f}")
 
-    # The judge on held-out ground truth: one-object renders and test digits.
-    truth = _one_object(data.text_to_image(split, 4 * n["judge"], size=size), n["judge"] // 2)
-    digits = data.digits(split, n["judge"] // 2, size=size)
-    v_obj = judge(np.stack([s.segments[-1].value for s in truth]))
-    v_dig = judge(np.stack([s.segments[0].value for s in digits]))
-    hits = [(c, sh) == (s.meta["colour"], s.meta["shape"]) for c, sh, s in zip(v_obj["colour"], v_obj["shape"], truth)]
-    hits += [d == data.DIGIT_WORDS[s.meta["digit"]] for d, s in zip(v_dig["digit"], digits)]
-    results["judge_accuracy"] = float(np.mean(hits))
+    if "judge" in run:
+        # The judge on held-out ground truth: one-object renders and test digits.
+        truth = _one_object(data.text_to_image(split, 4 * n["judge"], size=size), n["judge"] // 2)
+        digits = data.digits(split, n["judge"] // 2, size=size)
+        v_obj = judge(np.stack([s.segments[-1].value for s in truth]))
+        v_dig = judge(np.stack([s.segments[0].value for s in digits]))
+        hits = [(c, sh) == (s.meta["colour"], s.meta["shape"])
+                for c, sh, s in zip(v_obj["colour"], v_obj["shape"], truth)]
+        hits += [d == data.DIGIT_WORDS[s.meta["digit"]] for d, s in zip(v_dig["digit"], digits)]
+        results["judge_accuracy"] = float(np.mean(hits))
+        log(f"  judge: {results['judge_accuracy']:.3f}")
 
-    scenes = _one_object(data.captioning(split, 4 * n["autoencode"], size=size), n["autoencode"])
-    originals = np.stack([s.segments[0].value for s in scenes])
-    recon = judge(gen.autoencode(model, originals, **sample_kw))
-    results["autoencode_similarity"] = float(np.mean(Judge.cosine(judge(originals)["features"], recon["features"])))
-    # The U-Net's ceiling for text-to-image: attributes kept when it decodes true embeddings.
-    breakdown["autoencode"] = _attribute_hits(list(zip(recon["colour"], recon["shape"])),
-                                              [(s.meta["scene"].objects[0].colour, s.meta["scene"].objects[0].shape)
-                                               for s in scenes])
-    log(f"  autoencode similarity: {results['autoencode_similarity']:.3f}; judge: {results['judge_accuracy']:.3f}")
+    if "autoencode" in run:
+        scenes = _one_object(data.captioning(split, 4 * n["autoencode"], size=size), n["autoencode"])
+        originals = np.stack([s.segments[0].value for s in scenes])
+        recon = judge(gen.autoencode(model, originals, **sample_kw))
+        results["autoencode_similarity"] = float(np.mean(Judge.cosine(judge(originals)["features"],
+                                                                      recon["features"])))
+        # The U-Net's ceiling for text-to-image: attributes kept when it decodes true embeddings.
+        breakdown["autoencode"] = _attribute_hits(
+            list(zip(recon["colour"], recon["shape"])),
+            [(s.meta["scene"].objects[0].colour, s.meta["scene"].objects[0].shape) for s in scenes])
+        log(f"  autoencode similarity: {results['autoencode_similarity']:.3f}")
 
     out = {k: round(v, 4) for k, v in results.items()}
     out["breakdown"] = {k: {name: round(v, 4) for name, v in d.items()} for k, d in breakdown.items()}
@@ -162,13 +180,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test (report) or val (tune generation settings on it, not on test)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the checkpoint's)")
+    parser.add_argument("--only", metavar="TASK,...",
+                        help=f"score only these ({', '.join(SIZES)}); with --split val and --scale, "
+                             "the larger samples the model was chosen on")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         metrics = evaluate(args.checkpoint, scale=args.scale, log=lambda *a: print(*a, file=sys.stderr),
-                           steps=args.steps, guidance=args.guidance, split=args.split)
-    except CheckpointError as e:
+                           steps=args.steps, guidance=args.guidance, split=args.split,
+                           only=args.only.split(",") if args.only else None)
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"emu-edge eval: {e}")
     text = json.dumps(metrics, indent=2) + "\n"
     if args.json:

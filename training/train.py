@@ -25,6 +25,7 @@ reproduce the uninterrupted single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,8 +43,8 @@ from torch import nn
 from emu_edge import data
 from emu_edge.runtime.prompt import PromptBuilder
 from emu_edge.training import checkpoint as ckpt
-from emu_edge.training.batching import (ATTRIBUTE_CLASSES, attribute_targets, collate, image_of, to_pixels,
-                                        visual_sequence)
+from emu_edge.training.batching import (ATTRIBUTE_CLASSES, attribute_targets, collate, encode, image_of,
+                                        length_chunks, to_pixels, visual_sequence)
 from emu_edge.training.config import EmuConfig
 from emu_edge.training.model import EmuModel
 from emu_edge.training.tokenizer import encode_text_fn, special_token_ids, train_tokenizer
@@ -161,11 +162,16 @@ class StageLoss(nn.Module):
         return self.regressed[prompt]
 
 
+def stage_tasks(cfg: EmuConfig, stage_id: str) -> dict[str, float]:
+    """The task weights a stage trains on: the run's `--mix` for it, else the stage's own."""
+    return cfg.mixes.get(stage_id) or STAGES[stage_id].tasks
+
+
 def global_samples(cfg: EmuConfig, stage_id: str, step: int):
-    stage = STAGES[stage_id]
     first = step * cfg.batch_size
     seed = cfg.seed * 10 + int(stage_id)
-    return [data.mixture(stage.tasks, "train", first + i, seed=seed, size=cfg.image_size)
+    tasks = stage_tasks(cfg, stage_id)
+    return [data.mixture(tasks, "train", first + i, seed=seed, size=cfg.image_size)
             for i in range(cfg.batch_size)]
 
 
@@ -188,9 +194,11 @@ def make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model):
         aligned = STAGES[stage_id].kind == "alignment"
         prompts = [s.segments[0].value if aligned and s.task == "text_to_image" else None for s in samples]
         return (images[shard], noise[shard], timesteps[shard], drop[shard], prompts[shard]), (len(samples), 0)
-    full = collate(samples, builder, pad_id)
-    counts = (int((full.targets != -100).sum()), int(full.regress.sum()))
-    return collate(samples[rank::world], builder, pad_id), counts
+    encoded = encode(samples, builder)
+    counts = (sum(t != -100 for e in encoded for t in e.targets), sum(bool(r) for e in encoded for r in e.regress))
+    # A list of length-sorted chunks; the step sums their gradients, the loss of each being
+    # already normalised by the global counts, so the step equals one padded batch's.
+    return [collate(c, pad_id) for c in length_chunks(encoded[rank::world], cfg.text_chunks)], counts
 
 
 def set_trainable(model: EmuModel, names: tuple[str, ...]) -> list[nn.Parameter]:
@@ -240,7 +248,7 @@ def prepare(cfg: EmuConfig, out: Path, resume: bool, log, init_from: Path | None
 
 # Settings of the run, not of the model: --init-from may change these.
 _TRAINING_FIELDS = {"preset", "vocab_size", "batch_size", "steps", "lr", "encoder_lr", "warmup", "weight_decay",
-                    "grad_clip", "regress_weight", "save_every", "seed", "cfg_drop"}
+                    "grad_clip", "regress_weight", "save_every", "seed", "cfg_drop", "mixes", "text_chunks"}
 
 
 def _check_same_model(cfg: EmuConfig, theirs: EmuConfig, path: Path) -> None:
@@ -250,6 +258,18 @@ def _check_same_model(cfg: EmuConfig, theirs: EmuConfig, path: Path) -> None:
         raise ckpt.CheckpointError(f"--init-from {path}: its model differs from preset {cfg.preset!r} in "
                                    + ", ".join(f"{k} ({other[k]} vs {mine[k]})" for k in differ)
                                    + f"; pass the preset it was trained with (--preset {theirs.preset})")
+
+
+# What decides the samples and their order: a resumed run must keep them.
+_STREAM_FIELDS = ("seed", "batch_size", "mixes")
+
+
+def _check_same_stream(cfg: EmuConfig, out: Path) -> None:
+    saved = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").is_file() else {}
+    differ = [k for k in _STREAM_FIELDS if k in saved and saved[k] != cfg.to_dict()[k]]
+    if differ:
+        raise ckpt.CheckpointError("--resume: the run was started with " + ", ".join(
+            f"{k}={saved[k]} (now {cfg.to_dict()[k]})" for k in differ) + "; pass the same --seed, --batch-size and --mix")
 
 
 def _count(module) -> int:
@@ -280,6 +300,7 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
     start_stage, start_step = stages[0], 0
     resume_folder = ckpt.latest_step(out) if resume else None
     if resume_folder is not None:
+        _check_same_stream(cfg, out)
         state = json.loads((resume_folder / "state.json").read_text())
         start_stage, start_step = state["stage"], state["step"]
         init_from = state.get("init_from")
@@ -325,9 +346,16 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
                 group["lr"] = lr * group["scale"]
             batch, counts = make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model)
             t0 = time.perf_counter()
-            loss, parts = runner(batch, counts)
             optimizer.zero_grad(set_to_none=True)
-            (loss * world).backward()  # DDP averages gradients; the loss is already a global mean share
+            chunks = batch if isinstance(batch, list) else [batch]
+            loss, parts = 0.0, {}
+            for i, chunk in enumerate(chunks):
+                # DDP syncs gradients once, on the last chunk's backward.
+                with runner.no_sync() if world > 1 and i + 1 < len(chunks) else contextlib.nullcontext():
+                    chunk_loss, chunk_parts = runner(chunk, counts)
+                    (chunk_loss * world).backward()  # DDP averages gradients; the loss is a global mean share
+                loss = loss + chunk_loss.detach()
+                parts = {k: parts.get(k, 0.0) + v for k, v in chunk_parts.items()}
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             steps_run += 1
