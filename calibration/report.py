@@ -219,10 +219,8 @@ def _images(fp32_pipe: Pipeline, variant_pipe: Pipeline, bundle: Bundle, s: Repo
     judge = Judge(bundle.graph_path("judge"))
     samples = t2i_prompts(s.t2i, fp32_pipe.manifest.model.image_size)
     prompts = [[x.segments[0].value] for x in samples]
-    defaults = fp32_pipe.image_defaults()
-    steps = defaults["steps"] if s.steps is None else s.steps
-    guidance = defaults["guidance"] if s.guidance is None else s.guidance
-    kwargs = dict(steps=steps, guidance=guidance, scheduler="ddim", seed=0)
+    generation = fp32_pipe.image_defaults(s.steps, s.guidance, "ddim")
+    kwargs = dict(**generation, seed=0)
     # One batch, seed 0: the same noise per prompt in both bundles, as emu-edge eval draws it.
     want = np.stack([np.asarray(im) for im in fp32_pipe.generate_image_batch(prompts, **kwargs)])
     got = np.stack([np.asarray(im) for im in variant_pipe.generate_image_batch(prompts, **kwargs)])
@@ -244,7 +242,7 @@ def _images(fp32_pipe: Pipeline, variant_pipe: Pipeline, bundle: Bundle, s: Repo
     return {
         "t2i_attribute_accuracy": accuracy(v_got),
         "t2i_prompts": len(samples),
-        "t2i_generation": {"steps": steps, "guidance": guidance},
+        "t2i_generation": {"steps": generation["steps"], "guidance": generation["guidance"]},
         "image_similarity": round(float(np.mean(Judge.cosine(v_want["features"], v_got["features"]))), 4),
         "image_pixel_mae": round(float(np.abs(want.astype(np.int16) - got.astype(np.int16)).mean()), 3),
     }

@@ -429,10 +429,8 @@ class Pipeline:
         """The U-Net loop: cond [B, N, D] -> images [B, 3, S, S] in [-1, 1]. Conditional and
         unconditional branches run in ONE batched U-Net call per step."""
         m = self.manifest.model
-        defaults = self.image_defaults()
-        steps = defaults["steps"] if steps is None else steps
-        guidance = defaults["guidance"] if guidance is None else guidance
-        scheduler = defaults["scheduler"] if scheduler is None else scheduler
+        chosen = self.image_defaults(steps, guidance, scheduler)
+        steps, guidance, scheduler = chosen["steps"], chosen["guidance"], chosen["scheduler"]
         if not isinstance(guidance, (int, float)) or not np.isfinite(guidance) or guidance < 0:
             raise ValueError(f"guidance must be a number >= 0 (1 = no guidance), got {guidance!r}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -462,11 +460,14 @@ class Pipeline:
         (subject-driven: [image, "make it blue"]), as Emu2-Gen."""
         return self.generate_image_batch([items], steps, guidance, scheduler, seed, progress)[0]
 
-    def image_defaults(self) -> dict:
-        """The bundle's image generation settings (steps, guidance, scheduler)."""
+    def image_defaults(self, steps: int | None = None, guidance: float | None = None,
+                       scheduler: str | None = None) -> dict:
+        """Image generation settings {steps, guidance, scheduler}: those given, the rest the
+        bundle's defaults."""
         defaults = self.manifest.model.generation or {}
-        return {"steps": defaults.get("steps", 25), "guidance": defaults.get("guidance", 3.0),
-                "scheduler": defaults.get("scheduler", "ddim")}
+        return {"steps": defaults.get("steps", 25) if steps is None else steps,
+                "guidance": defaults.get("guidance", 3.0) if guidance is None else guidance,
+                "scheduler": defaults.get("scheduler", "ddim") if scheduler is None else scheduler}
 
     def generate_image_batch(self, batch: list, steps: int | None = None, guidance: float | None = None,
                              scheduler: str | None = None, seed: int = 0,

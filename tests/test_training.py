@@ -326,7 +326,7 @@ def test_alignment_conditions_text_to_image_on_regressed_embeddings(tiny_checkpo
     model, tokenizer, cfg = load_checkpoint(tiny_checkpoint)
     builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
     step = int(np.random.default_rng().integers(1000))
-    (images, noise, timesteps, drop, prompts), counts = make_batch(cfg, "5", step, 0, 1, builder, 0, model)
+    [(images, noise, timesteps, drop, prompts)], counts = make_batch(cfg, "5", step, 0, 1, builder, 0, model)
     assert any(prompts) and not all(prompts)  # a mixture: some text-to-image, some autoencoding
     with torch.no_grad():
         got, _ = StageLoss(model, STAGES["5"], builder)((images, noise, timesteps, drop, prompts), counts)

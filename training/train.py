@@ -176,13 +176,15 @@ def global_samples(cfg: EmuConfig, stage_id: str, step: int):
 
 
 def make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model):
-    """This rank's shard of the global batch for (stage, step), and the global counts."""
+    """This rank's shard of the global batch for (stage, step) as a list of chunks whose
+    gradients the step sums (text stages: length-sorted; the others: one), and the global
+    counts every chunk's loss is normalised by."""
     samples = global_samples(cfg, stage_id, step)
     shard = slice(rank, None, world)
     if STAGES[stage_id].kind == "attributes":
         images = to_pixels(np.stack([image_of(s) for s in samples]))
         targets = torch.stack([attribute_targets(s, cfg.n_query) for s in samples])
-        return (images[shard], targets[shard]), (int((targets[..., 0] != -100).sum()), 0)
+        return [(images[shard], targets[shard])], (int((targets[..., 0] != -100).sum()), 0)
     if STAGES[stage_id].kind in ("diffusion", "alignment"):
         images = to_pixels(np.stack([image_of(s) for s in samples]))
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + int(stage_id)) * 1_000_003 + step)
@@ -193,11 +195,10 @@ def make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model):
         # their prompt; every other image on its own encoder embeddings.
         aligned = STAGES[stage_id].kind == "alignment"
         prompts = [s.segments[0].value if aligned and s.task == "text_to_image" else None for s in samples]
-        return (images[shard], noise[shard], timesteps[shard], drop[shard], prompts[shard]), (len(samples), 0)
+        return [(images[shard], noise[shard], timesteps[shard], drop[shard], prompts[shard])], (len(samples), 0)
     encoded = encode(samples, builder)
     counts = (sum(t != -100 for e in encoded for t in e.targets), sum(bool(r) for e in encoded for r in e.regress))
-    # A list of length-sorted chunks; the step sums their gradients, the loss of each being
-    # already normalised by the global counts, so the step equals one padded batch's.
+    # Summed over chunks normalised by the global counts, the step equals one padded batch's.
     return [collate(c, pad_id) for c in length_chunks(encoded[rank::world], cfg.text_chunks)], counts
 
 
@@ -266,10 +267,11 @@ _STREAM_FIELDS = ("seed", "batch_size", "mixes")
 
 def _check_same_stream(cfg: EmuConfig, out: Path) -> None:
     saved = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").is_file() else {}
-    differ = [k for k in _STREAM_FIELDS if k in saved and saved[k] != cfg.to_dict()[k]]
+    mine = cfg.to_dict()
+    differ = [k for k in _STREAM_FIELDS if k in saved and saved[k] != mine[k]]
     if differ:
         raise ckpt.CheckpointError("--resume: the run was started with " + ", ".join(
-            f"{k}={saved[k]} (now {cfg.to_dict()[k]})" for k in differ) + "; pass the same --seed, --batch-size and --mix")
+            f"{k}={saved[k]} (now {mine[k]})" for k in differ) + "; pass the same --seed, --batch-size and --mix")
 
 
 def _count(module) -> int:
@@ -344,10 +346,9 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
             lr = lr_at(step, total, cfg.lr[stage_id], cfg.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["scale"]
-            batch, counts = make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model)
+            chunks, counts = make_batch(cfg, stage_id, step, rank, world, builder, pad_id, model)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            chunks = batch if isinstance(batch, list) else [batch]
             loss, parts = 0.0, {}
             for i, chunk in enumerate(chunks):
                 # DDP syncs gradients once, on the last chunk's backward.
