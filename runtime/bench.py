@@ -356,6 +356,8 @@ def plot(results: list[dict], out: Path) -> None:
     ax2.set(xlabel="batch size", ylabel="tokens / s (all rows)", title="decode throughput vs batch")
     ax2.set_xscale("log", base=2)
     for ax in (ax1, ax2):
+        # From zero: on an autoscaled axis run-to-run noise of a few percent reads as a trend.
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -133,6 +133,7 @@ class DecoderSession:
             self._step_value = self._wrap(self._step_embeds)
         self._step_ids = np.zeros((batch, 1), np.int64)
         self._embed_binding = None   # (embed backend, its IOBinding into _step_embeds)
+        self._longest = 0            # the longest row's length (cache.lengths.max())
 
     def _wrap(self, array: np.ndarray):
         """An OrtValue over `array`'s memory (CPU): writes to the array are what the graph reads."""
@@ -156,6 +157,7 @@ class DecoderSession:
 
     def reset(self) -> None:
         self.cache.reset()
+        self._longest = 0
 
     def prefill(self, inputs_embeds: np.ndarray, lengths=None) -> DecoderOutput:
         """Start over with a (right-padded) batch of prompts; lengths[b] real tokens in row b."""
@@ -164,14 +166,14 @@ class DecoderSession:
         if counts.shape != (self.batch,) or counts.min() < 1 or counts.max() > embeds.shape[1]:
             raise DecoderError(f"lengths must give 1..{embeds.shape[1]} tokens for each of the {self.batch} "
                                f"rows, got {counts.tolist()}")
-        self.cache.reset()
+        self.reset()
         # Padding past the longest row would make the graph take this for a continuation.
         return self._forward(embeds[:, : int(counts.max())], counts)
 
     def extend(self, inputs_embeds: np.ndarray) -> DecoderOutput:
         """Append S tokens to every row (the next turn of a conversation, or one step)."""
         embeds = self._check_embeds(inputs_embeds)
-        if self.cache.lengths.max() == 0:
+        if self._longest == 0:
             return self.prefill(embeds)
         steps = embeds.shape[1]
         self._check_room(self.cache.lengths + steps)
@@ -197,7 +199,7 @@ class DecoderSession:
         (ids -> inputs_embeds) and step()."""
         if token_ids.shape != (self.batch, 1):
             raise DecoderError(f"step_ids() takes token ids of shape [{self.batch}, 1], got {list(token_ids.shape)}")
-        if not (self._host and embed_backend.device == "cpu" and self.cache.lengths.max() > 0):
+        if not (self._host and embed_backend.device == "cpu" and self._longest > 0):
             return self.step(embed(token_ids))
         if self._embed_binding is None or self._embed_binding[0] is not embed_backend:
             self._embed_binding = (embed_backend, self._bind_embed(embed_backend))
@@ -232,10 +234,14 @@ class DecoderSession:
 
     def _forward(self, embeds: np.ndarray, counts) -> DecoderOutput:
         """Run the graph on S new positions per row; counts: real tokens per row ([B] or one int)."""
-        totals = self.cache.lengths + counts
-        self._check_room(totals)
+        lengths = self.cache.lengths
+        totals = lengths + counts
+        # A Python int: a decode step is short enough that each numpy reduction shows.
+        longest = int(totals.max())
+        if longest > self.max_length:
+            self._check_room(totals)
         np.subtract(totals, 1, out=self._seqlens_k, casting="unsafe")
-        self._total[()] = totals.max()
+        self._total[()] = longest
         if self._host and embeds.shape[1] == 1:
             if embeds is not self._step_embeds:
                 self._step_embeds[:] = embeds
@@ -249,7 +255,8 @@ class DecoderSession:
                 self.binding.bind_cpu_input("seqlens_k", self._seqlens_k)
                 self.binding.bind_cpu_input("total_sequence_length", self._total)
         self.backend.run_bound(self.binding)
-        self.cache.lengths[:] = totals
+        lengths[:] = totals
+        self._longest = longest
         # Copies: the bound outputs are overwritten by the next call.
         if self._host:
             return DecoderOutput(logits=self._logits_host.copy(),

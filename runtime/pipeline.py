@@ -47,6 +47,8 @@ class Pipeline:
         self._session: DecoderSession | None = None
         self._builder: PromptBuilder | None = None
         self._uncond: np.ndarray | None = None
+        # Read once: the text loop masks it at every step.
+        self._image_id: int | None = bundle.manifest.model.special_tokens.get(IMAGE)
 
     @classmethod
     def load(cls, bundle: str | Path | Bundle, device: str = "cpu", backend: str = "onnxruntime",
@@ -93,10 +95,6 @@ class Pipeline:
         elif image_embeds is not None:
             raise ValueError("this bundle's embed graph takes no image embeddings (a text-only bundle)")
         return backend.run(feeds, ["inputs_embeds"])["inputs_embeds"]
-
-    @property
-    def _image_id(self) -> int | None:
-        return self.manifest.model.special_tokens.get(IMAGE)
 
     def _check_placeholders(self, ids: np.ndarray, given: int) -> None:
         """Every <image> id in `ids` needs one of the `given` visual embeddings."""
@@ -156,6 +154,7 @@ class Pipeline:
                 f"{needed} positions, beyond max_length {self.max_length}; shorten the prompt, lower "
                 "max_new_tokens, or pass truncate=True to drop the oldest items")
         session = self.session(len(rows))
+        embed_backend = self.backends["embed"]
         out = self.prefill(session, rows, visual)
         history = [list(r) for r in rows]
         done = [False] * len(rows)
@@ -169,7 +168,9 @@ class Pipeline:
                     done[b] = token in stop
             if all(done) or step == max_new_tokens - 1:
                 break
-            out = self.decode_one(session, tokens)
+            # decode_one without its placeholder check: _text_scores never lets the sampler
+            # pick <image>.
+            out = session.step_ids(tokens.reshape(-1, 1), embed_backend, self.embed)
 
     def generate(self, rows: list[list[int]], max_new_tokens: int, sampler: Sampler,
                  stop_ids: list[int], visual: np.ndarray | None = None) -> list[list[int]]:

@@ -72,8 +72,7 @@ def apply_repetition_penalty(
     above 1 always makes a seen token less likely. logits: [B, V] -> [B, V] (a new array).
     """
     batch, vocab = logits.shape
-    if len(history) != batch:
-        raise ValueError(f"history has {len(history)} rows but logits have batch size {batch}")
+    _check_history(history, batch)
     if penalty == 1.0:
         return logits.copy()
     lengths = [len(row) for row in history]
@@ -88,6 +87,11 @@ def apply_repetition_penalty(
     seen[rows, cols] = True
     penalised = np.where(logits < 0, logits * penalty, logits / penalty).astype(logits.dtype)
     return np.where(seen, penalised, logits)
+
+
+def _check_history(history: list[list[int]], batch: int) -> None:
+    if len(history) != batch:
+        raise ValueError(f"history has {len(history)} rows but logits have batch size {batch}")
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -144,10 +148,15 @@ class Sampler:
         logits = np.asarray(logits)
         if logits.ndim != 2 or logits.shape[1] == 0:
             raise ValueError(f"logits must have shape [batch, vocab], got {logits.shape}")
-        if np.isnan(logits).any():
+        # max() propagates NaN: one reduction instead of an isnan mask and its any().
+        if np.isnan(logits.max()):
             raise ValueError("logits contain NaN; the model output is broken upstream of sampling")
         config = self.config
-        scores = apply_repetition_penalty(logits, history, config.repetition_penalty)
+        if config.repetition_penalty == 1.0:
+            _check_history(history, logits.shape[0])
+            scores = logits   # nothing to rescale; the steps below never write into it
+        else:
+            scores = apply_repetition_penalty(logits, history, config.repetition_penalty)
         if not config.do_sample:
             return scores.argmax(axis=-1).astype(np.int64)
         scores = apply_temperature(scores, config.temperature)
