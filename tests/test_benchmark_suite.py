@@ -37,3 +37,49 @@ def test_side_by_side_smoke_pass(tmp_path):
     assert results["targets"] and all(math.isfinite(t["measured"]) for t in results["targets"])
     for png in ("side_by_side.png", "scaling.png"):
         assert Image.open(out / png).size[0] > 100
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_profile_breaks_a_step_down_and_measures_the_floors(tiny_bundle, tmp_path):
+    """`python -m benchmarks.profile`: per-operator shares of a decode step and of a U-Net
+    call, the decoder's weight-reading nodes alone, the loop's own Python."""
+    decoder, unet = tmp_path / "decoder.json", tmp_path / "unet.json"
+    out = _run(["-m", "benchmarks.profile", str(tiny_bundle), "--steps", "4", "--threads", "1",
+                "--json", str(decoder)]).stdout
+    assert "weight-reading nodes alone" in out and "us a token" in out
+    d = json.loads(decoder.read_text())
+    assert {"GroupQueryAttention", "MatMul"} <= set(d["per_operator"])
+    assert all(o["us"] > 0 and o["nodes"] >= 1 for o in d["per_operator"].values())
+    assert d["step_ms"]["min"] <= d["step_ms"]["median"]
+    assert 0 < d["loop_python_us"] < d["step_ms"]["median"] * 1e3
+    assert d["weight_ops_alone"]["nodes"] >= 1 and d["weight_ops_alone"]["gb_per_s"] > 0
+
+    _run(["-m", "benchmarks.profile", str(tiny_bundle), "--graph", "unet", "--threads", "1", "--json", str(unet)])
+    u = json.loads(unet.read_text())
+    assert u["per_operator"]["Conv"]["gflop"] > 0 and u["sgemm_gflop_per_s"] > 0
+
+    # The isolated graph holds every weight-reading node of the decoder, with its weights,
+    # and computes what the node computes (x @ W for the MatMuls), on fresh random inputs.
+    check = f"""
+import numpy as np, onnx
+from onnx import numpy_helper
+from benchmarks import peers, profile
+path = {str(tiny_bundle / "decoder.onnx")!r}
+model, feeds, nbytes = profile.weight_ops_alone(path)
+source = onnx.load(path)
+assert len(model.graph.node) == sum(n.op_type in profile.WEIGHT_OPS for n in source.graph.node)
+assert nbytes == peers.weight_bytes_per_token(path), (nbytes, peers.weight_bytes_per_token(path))
+feeds = {{k: np.random.default_rng(7).standard_normal(v.shape, dtype=np.float32) for k, v in feeds.items()}}
+weights = {{t.name: numpy_helper.to_array(t) for t in model.graph.initializer}}
+outputs = dict(zip([o.name for o in model.graph.output], profile._session(model, 1).run(None, feeds)))
+matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+assert matmuls
+for n in matmuls:
+    np.testing.assert_allclose(outputs[n.output[0]], feeds[n.input[0]] @ weights[n.input[1]], rtol=1e-4, atol=1e-5)
+"""
+    _run(["-c", check])
