@@ -8,6 +8,9 @@
     session.step_ids(ids [B, 1], embed_backend, embed)
                                                 -> the same from token ids (on the CPU
                                                    embed.onnx writes the bound step input)
+    session.step_regressed(image_id, embed_backend, embed)
+                                                -> the same from each row's last regressed
+                                                   embedding (the image regression loop)
     session.extend(embeds [B, S, H])            -> S more tokens per row (a new chat turn)
 
 The same device buffers are bound as the graph's past inputs and present outputs, so a
@@ -132,7 +135,8 @@ class DecoderSession:
                 self.binding.bind_ortvalue_input(name, self._wrap(array))
             self._step_value = self._wrap(self._step_embeds)
         self._step_ids = np.zeros((batch, 1), np.int64)
-        self._embed_binding = None   # (embed backend, its IOBinding into _step_embeds)
+        self._image_ids = np.zeros((batch, 1), np.int64)
+        self._embed_bindings: dict = {}   # kind -> (embed backend, its IOBinding into _step_embeds)
         self._longest = 0            # the longest row's length (cache.lengths.max())
 
     def _wrap(self, array: np.ndarray):
@@ -199,23 +203,54 @@ class DecoderSession:
         (ids -> inputs_embeds) and step()."""
         if token_ids.shape != (self.batch, 1):
             raise DecoderError(f"step_ids() takes token ids of shape [{self.batch}, 1], got {list(token_ids.shape)}")
-        if not (self._host and embed_backend.device == "cpu" and self._longest > 0):
+        if not self._bound_embed_ok(embed_backend):
             return self.step(embed(token_ids))
-        if self._embed_binding is None or self._embed_binding[0] is not embed_backend:
-            self._embed_binding = (embed_backend, self._bind_embed(embed_backend))
+        binding = self._embed_binding_for("text", embed_backend)
         self._step_ids[:] = token_ids
-        embed_backend.run_bound(self._embed_binding[1])
+        embed_backend.run_bound(binding)
         return self._forward(self._step_embeds, 1)
 
-    def _bind_embed(self, embed_backend):
-        binding = embed_backend.bind()
-        binding.bind_ortvalue_input("input_ids", self._wrap(self._step_ids))
-        if "image_embeds" in embed_backend.input_names:
-            # Text tokens: no visual embeddings to splice in (0 rows, as Pipeline.embed feeds).
-            none = np.zeros([0, embed_backend.input_shapes["image_embeds"][1]], np.float32)
-            binding.bind_ortvalue_input("image_embeds", self._wrap(none))
-        binding.bind_ortvalue_output("inputs_embeds", self._step_value)
-        return binding
+    def step_regressed(self, image_id: int, embed_backend, embed) -> DecoderOutput:
+        """One more position per row whose input is an <image> token carrying that row's
+        last regressed embedding: Emu2's regression loop. On the CPU embed.onnx reads the
+        bound `regressed` output and writes the bound step input, so nothing is copied
+        between the two graphs; elsewhere it goes through `embed` (ids, image_embeds)."""
+        if self.regressed is None:
+            raise DecoderError("this decoder has no regression head (no 'regressed' output)")
+        if self._longest == 0:
+            raise DecoderError("step_regressed() continues a filled cache: prefill first")
+        if not self._bound_embed_ok(embed_backend) or "image_embeds" not in embed_backend.input_names:
+            last = self._regressed_host if self._host else self.regressed.numpy()
+            return self.step(embed(np.full((self.batch, 1), image_id, np.int64), last.copy()))
+        binding = self._embed_binding_for("image", embed_backend)
+        self._image_ids[:] = image_id
+        embed_backend.run_bound(binding)
+        return self._forward(self._step_embeds, 1)
+
+    def _bound_embed_ok(self, embed_backend) -> bool:
+        """Whether embed.onnx can run bound into the step input: both on the CPU, and a
+        cache to continue."""
+        return self._host and embed_backend.device == "cpu" and self._longest > 0
+
+    def _embed_binding_for(self, kind: str, embed_backend):
+        """The embed graph's IOBinding into the step input, made once per kind and backend:
+        "text" reads _step_ids and no visual embeddings, "image" reads _image_ids and the
+        decoder's bound regressed output."""
+        cached = self._embed_bindings.get(kind)
+        if cached is None or cached[0] is not embed_backend:
+            binding = embed_backend.bind()
+            if kind == "text":
+                binding.bind_ortvalue_input("input_ids", self._wrap(self._step_ids))
+                if "image_embeds" in embed_backend.input_names:
+                    # Text tokens: no visual embeddings to splice in (0 rows, as Pipeline.embed feeds).
+                    none = np.zeros([0, embed_backend.input_shapes["image_embeds"][1]], np.float32)
+                    binding.bind_ortvalue_input("image_embeds", self._wrap(none))
+            else:
+                binding.bind_ortvalue_input("input_ids", self._wrap(self._image_ids))
+                binding.bind_ortvalue_input("image_embeds", self.regressed)
+            binding.bind_ortvalue_output("inputs_embeds", self._step_value)
+            cached = self._embed_bindings[kind] = (embed_backend, binding)
+        return cached[1]
 
     def _check_embeds(self, inputs_embeds: np.ndarray) -> np.ndarray:
         embeds = np.ascontiguousarray(inputs_embeds, dtype=np.float32)

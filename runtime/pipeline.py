@@ -408,10 +408,9 @@ class Pipeline:
                                       f"needs {needed} positions, beyond max_length {self.max_length}")
         session = self.session(len(rows))
         out = self.prefill(session, rows, self.encode_visuals([v for e in encoded for v in e.visuals]))
-        image_ids = np.full((len(rows), 1), self.manifest.model.special_tokens[IMAGE], np.int64)
         embeds = [out.regressed]
         for _ in range(n - 1):
-            out = session.step(self.embed(image_ids, out.regressed))
+            out = session.step_regressed(self._image_id, self.backends["embed"], self.embed)
             embeds.append(out.regressed)
         return np.stack(embeds, axis=1)
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from emu_edge import data
-from emu_edge.runtime.decoder import ContextTooLongError
+from emu_edge.runtime.decoder import ContextTooLongError, DecoderError
 from emu_edge.runtime.pipeline import Pipeline
 from emu_edge.training import generate as reference
 
@@ -72,6 +72,26 @@ def test_text_to_image_matches_pytorch_within_2_levels(any_pipe, tiny_model):
     for i, p in enumerate(prompts):
         want = reference.sample_images(model, cond[i:i + 1], steps=8, guidance=3.0, seed=3)[0]
         assert np.abs(got[i].astype(int) - want.astype(int)).max() <= 2, p
+
+
+def test_bound_regression_step_equals_embedding_then_step(pipe):
+    """step_regressed (embed.onnx reading the decoder's bound output) gives what the
+    plain path gives: embed the <image> ids with the last regressed rows, then step();
+    a batch of two prompts of different lengths, so each row continues from its own end."""
+    from emu_edge.runtime.decoder import DecoderSession
+
+    encoded = [pipe.encode_items([p], "image") for p in ("a red circle", "a large blue square on the left")]
+    assert len({len(e.ids) for e in encoded}) == 2
+    sessions = [DecoderSession(pipe.backends["decoder"], pipe.manifest.model, 2, 128) for _ in range(2)]
+    with pytest.raises(DecoderError, match="prefill first"):
+        sessions[0].step_regressed(pipe._image_id, pipe.backends["embed"], pipe.embed)
+    plain, bound = (pipe.prefill(s, [e.ids for e in encoded]) for s in sessions)
+    ids = np.full((2, 1), pipe._image_id, np.int64)
+    for _ in range(5):
+        plain = sessions[0].step(pipe.embed(ids, plain.regressed))
+        bound = sessions[1].step_regressed(pipe._image_id, pipe.backends["embed"], pipe.embed)
+        np.testing.assert_array_equal(bound.regressed, plain.regressed)
+        np.testing.assert_array_equal(bound.logits, plain.logits)
 
 
 def test_batched_generation_equals_one_at_a_time(pipe):
@@ -227,6 +247,10 @@ def test_text_only_bundle_refuses_images(tmp_path, tiny_checkpoint):
     pipe = Pipeline.load(out)
     with pytest.raises(ValueError, match="vision_encoder"):
         pipe.generate_image(["a red circle"])
+    session = pipe.session(1)
+    pipe.prefill(session, [[1, 2, 3]])
+    with pytest.raises(DecoderError, match="no regression head"):
+        session.step_regressed(0, pipe.backends["embed"], pipe.embed)
 
 
 def test_without_onnxruntime_the_error_names_the_extra(tiny_bundle):
