@@ -455,17 +455,11 @@ def genai_generate(model_dir: Path, prompt: list[int], n: int):
 # -- the machine ----------------------------------------------------------------------------
 
 
-def memory_bandwidth(threads: int, nbytes: int, repeat: int = 7) -> dict:
-    """Read bandwidth in bytes/s over a float32 buffer of `nbytes`, read again and again (as a
-    decoder reads its weights at every step), `threads` threads: the best of several reading
-    kernels, each the best of `repeat` passes, since the hardware's limit is what the fastest
-    of them reaches (reductions alone fall well short of it here):
-
-        onnxruntime ReduceSum, onnxruntime MatMul [1, K] x [K, N] (a GEMV, the decode step's own
-        kernel, with the matrix fed as an input so it is read as stored), numpy sum, and
-        torch sum and GEMV where torch is installed."""
-    import time
-
+def _readers(threads: int, nbytes: int) -> tuple[dict, int]:
+    """Ways to read a float32 buffer of `nbytes` once, `threads` threads: ({name: call},
+    bytes read per call). onnxruntime ReduceSum, onnxruntime MatMul [1, K] x [K, N] (a GEMV,
+    the decode step's own kernel, with the matrix fed as an input so it is read as stored),
+    numpy sum, and torch sum and GEMV where torch is installed."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -494,6 +488,29 @@ def memory_bandwidth(threads: int, nbytes: int, repeat: int = 7) -> dict:
             binding.bind_cpu_input(name, value)
         binding.bind_output("y")
         bindings.append((sess, binding))
+    readers = {"onnxruntime_reducesum": lambda: bindings[0][0].run_with_iobinding(bindings[0][1]),
+               "onnxruntime_gemv": lambda: bindings[1][0].run_with_iobinding(bindings[1][1]),
+               "numpy_sum": x.sum}
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        tx, tv = torch.from_numpy(x), torch.from_numpy(v)
+        readers["torch_sum"] = tx.sum
+        readers["torch_gemv"] = lambda: tv @ tx
+    except ImportError:
+        pass
+    return readers, x.nbytes
+
+
+def memory_bandwidth(threads: int, nbytes: int, repeat: int = 7) -> dict:
+    """Read bandwidth in bytes/s over a float32 buffer of `nbytes`, read again and again (as a
+    decoder reads its weights at every step), `threads` threads: the best of the `_readers`,
+    each the best of `repeat` passes, since the hardware's limit is what the fastest of them
+    reaches (reductions alone fall well short of it here)."""
+    import time
+
+    readers, size = _readers(threads, nbytes)
 
     def best(fn) -> float:
         fn()
@@ -502,22 +519,25 @@ def memory_bandwidth(threads: int, nbytes: int, repeat: int = 7) -> dict:
             start = time.perf_counter()
             fn()
             fastest = min(fastest, time.perf_counter() - start)
-        return x.nbytes / fastest
+        return size / fastest
 
-    found = {"onnxruntime_reducesum": best(lambda: bindings[0][0].run_with_iobinding(bindings[0][1])),
-             "onnxruntime_gemv": best(lambda: bindings[1][0].run_with_iobinding(bindings[1][1])),
-             "numpy_sum": best(x.sum)}
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        tx, tv = torch.from_numpy(x), torch.from_numpy(v)
-        found["torch_sum"] = best(tx.sum)
-        found["torch_gemv"] = best(lambda: tv @ tx)
-    except ImportError:
-        pass
-    return {"bytes": x.nbytes, "threads": threads, **found, "best": max(found.values()),
+    found = {name: best(fn) for name, fn in readers.items()}
+    return {"bytes": size, "threads": threads, **found, "best": max(found.values()),
             "best_kernel": max(found, key=found.get)}
+
+
+def read_passes(threads: int, nbytes: int, kernel: str, passes: int = 16):
+    """A call that reads a buffer of `nbytes` `passes` times with `kernel` (a `_readers`
+    name), for the interleaved rounds: timed beside the peers, it sees the machine as they
+    do, so the bound it gives drifts with them. Returns (call, bytes read per call)."""
+    readers, size = _readers(threads, nbytes)
+    read = readers[kernel]
+
+    def run():
+        for _ in range(passes):
+            read()
+
+    return run, size * passes
 
 
 def last_level_cache_bytes(default: int = 32 * 1024 * 1024) -> int:

@@ -83,3 +83,22 @@ for n in matmuls:
     np.testing.assert_allclose(outputs[n.output[0]], feeds[n.input[0]] @ weights[n.input[1]], rtol=1e-4, atol=1e-5)
 """
     _run(["-c", check])
+
+
+def test_bandwidth_readers_read_the_whole_buffer():
+    """The decode bound's readers (the full run interleaves one with the decoders; the smoke
+    presets fit in cache, so the smoke pass never does): every reader runs, reports the
+    buffer it reads, and the interleaved call reads it `passes` times."""
+    check = """
+from benchmarks import peers
+found = peers.memory_bandwidth(1, 8 * 1024**2, repeat=2)
+assert found["bytes"] == 8 * 1024**2, found["bytes"]
+kernels = [k for k in found if k not in ("bytes", "threads", "best", "best_kernel")]
+assert {"onnxruntime_gemv", "onnxruntime_reducesum", "numpy_sum"} <= set(kernels), kernels
+assert all(found[k] > 0 for k in kernels) and found["best"] == max(found[k] for k in kernels)
+for kernel in kernels:
+    run, nbytes = peers.read_passes(1, 8 * 1024**2, kernel, passes=3)
+    run()
+    assert nbytes == 3 * 8 * 1024**2
+"""
+    _run(["-c", check])
