@@ -220,8 +220,9 @@ class DecoderSession:
         if self._longest == 0:
             raise DecoderError("step_regressed() continues a filled cache: prefill first")
         if not self._bound_embed_ok(embed_backend) or "image_embeds" not in embed_backend.input_names:
+            # embed() has read `last` before the next decoder run overwrites it: no copy needed.
             last = self._regressed_host if self._host else self.regressed.numpy()
-            return self.step(embed(np.full((self.batch, 1), image_id, np.int64), last.copy()))
+            return self.step(embed(np.full((self.batch, 1), image_id, np.int64), last))
         binding = self._embed_binding_for("image", embed_backend)
         self._image_ids[:] = image_id
         embed_backend.run_bound(binding)
