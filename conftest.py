@@ -41,3 +41,22 @@ def tiny_model(tiny_checkpoint):
     from emu_edge.training.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def shipped_checkpoint_dir():
+    """models/emu-edge-small, the checkpoint the README's demo runs."""
+    from emu_edge.runtime.shipped import shipped_checkpoint
+
+    return shipped_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def shipped_bundle(shipped_checkpoint_dir, tmp_path_factory):
+    """`emu-edge export` of the shipped checkpoint (exported fresh: the golden tests must
+    see what today's exporter writes, not a cached bundle)."""
+    from emu_edge.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "emu-edge-small"
+    assert main(["export", str(shipped_checkpoint_dir), "--out", str(out)]) == 0
+    return out
