@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import LLM_PRESETS, build_llm, llm_config
+from tiny_models import LLM_PRESETS, build_llm, llm_config
 from emu_edge.export.bundle_writer import BundleWriter, min_onnxruntime_for
 from emu_edge.export.decoder import DecoderExportError, build_decoder, decoder_dims, resolve_attention
 from emu_edge.export.embed import build_embed
@@ -232,7 +232,7 @@ def test_external_data_above_threshold(tmp_path):
 
 
 def _tiny_tokenizer():
-    from conftest import build_tokenizer
+    from tiny_models import build_tokenizer
 
     return build_tokenizer(16)
 

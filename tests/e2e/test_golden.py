@@ -6,7 +6,7 @@ stated tolerance (float results differ in the last bits between AMD and Intel ma
 so no hashes). The values in golden/emu-edge-small.json and .npz were written by this
 module from the runtime before the families refactor:
 
-    EMU_EDGE_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py
+    EMU_EDGE_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/e2e/test_golden.py
 
 Beside them, the decoder alone is checked against transformers' own `generate` on the
 same embeddings, so a runtime change cannot pass by agreeing with training/generate.py

@@ -220,6 +220,7 @@ def test_tensorrt_backend_needs_a_gpu_and_says_so(standard_bundle):
 # -- on a GPU with TensorRT ----------------------------------------------------------------------
 
 
+@pytest.mark.gpu
 @needs_tensorrt
 def test_engines_match_onnxruntime(standard_bundle, tmp_path, monkeypatch):
     from emu_edge.export.tensorrt import build_engines
@@ -237,6 +238,7 @@ def test_engines_match_onnxruntime(standard_bundle, tmp_path, monkeypatch):
     assert np.abs(a - b).mean() < 2
 
 
+@pytest.mark.gpu
 @needs_tensorrt
 def test_engine_from_another_machine_is_refused_not_crashed(standard_bundle, tmp_path, monkeypatch):
     from emu_edge.runtime.bundle import Bundle

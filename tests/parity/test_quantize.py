@@ -131,6 +131,7 @@ def test_fp16_runs_on_the_cpu_provider(tiny_bundle, tmp_path):
     assert np.abs(a - b).max() <= 3
 
 
+@pytest.mark.gpu
 def test_fp16_on_gpu(tiny_bundle, tmp_path):
     import onnxruntime as ort
 

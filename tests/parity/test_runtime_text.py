@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LLM_PRESETS, make_llm_folder
+from tiny_models import LLM_PRESETS, make_llm_folder
 from emu_edge.cli import main as cli_main
 from emu_edge.runtime.backends import BackendError, create_backend
 from emu_edge.runtime.bundle import Bundle, BundleError

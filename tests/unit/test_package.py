@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUBPACKAGES = ["emu_edge", "emu_edge/data", "emu_edge/training", "emu_edge/export",
                "emu_edge/calibration", "emu_edge/runtime"]
 FOLDERS = {"emu_edge/data": "emu_edge/data", "emu_edge/training": "training", "emu_edge/export": "export",

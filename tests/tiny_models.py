@@ -1,0 +1,79 @@
+"""Tiny models from the real classes, for tests: Hugging Face Llama folders.
+
+`make_llm_folder(path, preset)` writes what `emu-edge export-hf --llm` reads: config.json,
+model.safetensors, generation_config.json and a tokenizer.json built with `tokenizers`.
+The presets cover the decoder variants the exporter must handle (MHA, GQA, head sizes the
+GroupQueryAttention kernel refuses, an explicit head_dim, rope settings, tied embeddings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Every preset: 2 layers, vocab 256; hidden 64-96.
+LLM_PRESETS: dict[str, dict] = {
+    "mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),
+    # head_dim 24: GroupQueryAttention's CPU kernel wants a multiple of 16 -> "standard"
+    "head24": dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2),
+    # explicit head_dim differing from hidden / heads (64 / 4 = 16)
+    "head_dim32": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "theta_tied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=True),
+    "llama3": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 32}),
+}
+VOCAB_SIZE = 256
+SPECIAL = ["<pad>", "<s>", "</s>"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def llm_config(preset: str, **overrides):
+    from transformers import LlamaConfig
+
+    settings = dict(vocab_size=VOCAB_SIZE, intermediate_size=128, num_hidden_layers=2, rms_norm_eps=1e-5,
+                    max_position_embeddings=512, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                    eos_token_id=EOS_ID, tie_word_embeddings=False)
+    settings.update(LLM_PRESETS[preset])
+    settings.update(overrides)
+    config = LlamaConfig(**settings)
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def build_llm(preset: str, seed: int = 0, **overrides):
+    """A random LlamaForCausalLM whose greedy choices are decisive: the output layer is
+    scaled up so top-2 logit gaps are far above float32 noise."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llm_config(preset, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        model.lm_head.weight.mul_(5.0)
+    return model
+
+
+def build_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A word-level tokenizer with exactly vocab_size entries: the specials, then w3, w4, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    return tok
+
+
+def make_llm_folder(path: Path, preset: str, seed: int = 0, **overrides) -> Path:
+    path = Path(path)
+    model = build_llm(preset, seed, **overrides)
+    model.save_pretrained(path)
+    build_tokenizer(model.config.vocab_size).save(str(path / "tokenizer.json"))
+    return path
