@@ -105,7 +105,7 @@ def quantize_with_cli(bundle: Path, precision: str, out: Path, work: Path, threa
         return "emu-edge quantize --graph decoder=int4"
     calibration = work / "calibration"
     if not _done(calibration):
-        size = Manifest.load(bundle).model.image_size or 32
+        size = Manifest.load(bundle).model.emu2.image_size
         data = work / "calibration-data"
         shutil.rmtree(data, ignore_errors=True)
         _emu_edge("data", "--split", "val", "--n", str(samples), "--size", str(size), "--tasks",
@@ -251,7 +251,8 @@ def with_n_query(pipe, n: int):
     bundle's N: the cost of the regression loop at other N, through the runtime's own code."""
     from emu_edge.runtime.pipeline import Pipeline
 
-    manifest = dataclasses.replace(pipe.manifest, model=dataclasses.replace(pipe.manifest.model, n_query=n))
+    model = pipe.manifest.model
+    manifest = dataclasses.replace(pipe.manifest, model=dataclasses.replace(model, emu2=dataclasses.replace(model.emu2, n_query=n)))
     bundle = dataclasses.replace(pipe.bundle, manifest=manifest)
     return Pipeline(bundle, pipe.backends, pipe.max_length, pipe.device, pipe.backend_kind, pipe.threads)
 
@@ -323,11 +324,11 @@ def regression_ids(model, checkpoint: Path) -> list[int]:
     """The text-to-image prompt ending in [IMG], built by the prompt builder both sides share."""
     from tokenizers import Tokenizer
 
-    from emu_edge.runtime.prompt import PromptBuilder
+    from emu_edge.runtime.prompt import emu2_builder
     from emu_edge.training.tokenizer import encode_text_fn
 
     tok = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json"))
-    builder = PromptBuilder(model.token_ids, encode_text_fn(tok), model.cfg.n_query, model.cfg.frame_n_query)
+    builder = emu2_builder(model.token_ids, encode_text_fn(tok), model.cfg.n_query, model.cfg.frame_n_query)
     return builder.encode("text_to_image", [("text", PROMPT)], generate="image").ids
 
 

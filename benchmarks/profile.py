@@ -158,7 +158,7 @@ def loop_python_us(bundle: Path, threads: int, prompt: int, steps: int) -> float
     from emu_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, threads=threads, max_length=prompt + steps, verify=False)
-    special = set(pipe.manifest.model.special_tokens.values())
+    special = pipe.manifest.model.special_ids()
     plain = [i for i in range(pipe.manifest.model.vocab_size) if i not in special]
     ids = np.random.default_rng(0).choice(plain, prompt).tolist()
     for backend in pipe.backends.values():

@@ -24,7 +24,7 @@ def _int8_error(fp32_pipe, int8_pipe, cond: np.ndarray, samples: int = 4) -> flo
     inputs at timesteps across the schedule: ||e8 - e32|| / ||e32||."""
     rng = np.random.default_rng(1)
     a, b = fp32_pipe.graph("unet"), int8_pipe.graph("unet")
-    size = fp32_pipe.manifest.model.image_size
+    size = fp32_pipe.manifest.model.emu2.image_size
     errors = []
     for _ in range(samples):
         feeds = {"sample": rng.standard_normal((2, 3, size, size)).astype(np.float32),

@@ -45,7 +45,7 @@ def random_feeds(bundle: Bundle, name: str, seed: int = 0) -> dict[str, np.ndarr
 
 def prompt_ids(pipe: Pipeline, length: int) -> list[int]:
     """A seeded prompt of ordinary tokens (no image or special tokens)."""
-    special = set(pipe.manifest.model.special_tokens.values()) | set(pipe.manifest.model.eos_ids())
+    special = pipe.manifest.model.special_ids()
     ids = [t for t in range(pipe.manifest.model.vocab_size) if t not in special]
     rng = np.random.default_rng(0)
     return rng.choice(ids, size=length).tolist()

@@ -147,7 +147,7 @@ def calibrate(bundle_path: str | Path, data: str | Path, out: str | Path, settin
             + ", ".join(f"{n} in {p}" for n, p in not_fp32.items()) + "; calibrate the fp32 bundle it came from")
     pipe = Pipeline.load(bundle, threads=settings.threads)
     multimodal = pipe.is_multimodal
-    requests = read_requests(data, bundle.manifest.model.image_size if multimodal else None, multimodal)
+    requests = read_requests(data, bundle.manifest.model.emu2.image_size if multimodal else None, multimodal)
     recorder = _Recorder()
     for name in ("vision_encoder", "unet"):
         if bundle.has_graph(name):

@@ -133,7 +133,7 @@ def token_prompts(pipe, texts: list[str], length: int = 12, seed: int = 0) -> tu
     if rows and sum(len(set(r)) > 2 for r in rows) >= len(rows) / 2:
         return rows, "the texts, tokenized"
     model = pipe.manifest.model
-    special = set(model.special_tokens.values()) | set(model.eos_ids()) | {model.pad_token_id, model.bos_token_id}
+    special = model.special_ids()
     pool = np.array([t for t in range(model.vocab_size) if t not in special])
     rng = np.random.default_rng(seed)
     return ([rng.choice(pool, size=length).tolist() for _ in texts],

@@ -45,16 +45,6 @@ from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.manifest import PRECISIONS, GraphSpec, ModelSpec
 
 METHODS = ("minmax", "entropy", "percentile")
-# What each graph can be turned into. Graphs not named here (a later export's) take the
-# generic ones.
-GRAPH_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "decoder": ("fp32", "fp16", "int8", "int4"),
-    "vision_encoder": ("fp32", "fp16", "int8"),
-    "unet": ("fp32", "fp16", "int8"),
-    "embed": ("fp32", "fp16"),
-    "judge": ("fp32",),
-}
-GENERIC_PRECISIONS = ("fp32", "fp16")
 WEIGHT_ONLY_GRAPHS = ("decoder",)
 # Op types static INT8 quantizes, measured on the shipped model (calibration/placement.py
 # and the report): INT8 pays only where onnxruntime runs a fused integer kernel and the
@@ -136,10 +126,6 @@ class GraphResult:
 # -- the plan ------------------------------------------------------------------------------
 
 
-def allowed_precisions(graph: str) -> tuple[str, ...]:
-    return GRAPH_PRECISIONS.get(graph, GENERIC_PRECISIONS)
-
-
 def parse_graph_precisions(text: str | None) -> dict[str, str]:
     """"decoder=int4,unet=int8" -> {"decoder": "int4", "unet": "int8"}."""
     out: dict[str, str] = {}
@@ -180,9 +166,10 @@ def plan(manifest, settings: QuantizeSettings) -> dict[str, str]:
     for name, precision in settings.graphs.items():
         if name not in graphs:
             raise QuantizeError(f"unknown graph {name!r}; this bundle's graphs are: {', '.join(graphs)}")
-        if precision not in allowed_precisions(name):
+        # What a graph may become is declared by its export spec, in the manifest.
+        if precision not in graphs[name].precisions:
             raise QuantizeError(f"{name} cannot be {precision!r}; valid precisions for {name}: "
-                                f"{', '.join(allowed_precisions(name))}")
+                                f"{', '.join(graphs[name].precisions)}")
     for name in settings.exclude:
         if name not in graphs:
             raise QuantizeError(f"--exclude names unknown graph {name!r}; this bundle's graphs are: {', '.join(graphs)}")
@@ -193,7 +180,7 @@ def plan(manifest, settings: QuantizeSettings) -> dict[str, str]:
             targets[name] = settings.graphs[name]
             asked[name] = targets[name] != spec.precision
         elif settings.precision is not None:
-            targets[name] = _default_precision(name, settings.precision)
+            targets[name] = _default_precision(name, spec.precisions, settings.precision)
             asked[name] = targets[name] != "fp32"
         else:
             targets[name], asked[name] = spec.precision, False
@@ -206,10 +193,9 @@ def plan(manifest, settings: QuantizeSettings) -> dict[str, str]:
     return targets
 
 
-def _default_precision(graph: str, precision: str) -> str:
+def _default_precision(graph: str, allowed: list[str], precision: str) -> str:
     if precision in ("int8", "int4") and graph in NOT_INT8_BY_DEFAULT:
         return "fp32"
-    allowed = allowed_precisions(graph)
     if precision in allowed:
         return precision
     if precision == "int4" and "int8" in allowed:
@@ -572,7 +558,8 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, settings: Quantize
             extra = dict(spec.extra)
             extra["quantization"] = {k: v for k, v in result.to_dict().items() if k != "calibration_error"}
             new = writer.add_graph(name, model, precision=target, profiles=spec.profiles,
-                                   dynamic_axes=spec.dynamic_axes, extra=extra)
+                                   dynamic_axes=spec.dynamic_axes, extra=extra, role=spec.role, names=spec.names,
+                                   precisions=spec.precisions)
             if target == "fp16" and name in WEIGHT_ONLY_GRAPHS:
                 model_spec.kv.dtype = "float16"
             results[name] = result

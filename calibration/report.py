@@ -171,7 +171,7 @@ def _items(sample) -> list:
 
 
 def _multimodal_text(fp32_pipe: Pipeline, variant_pipe: Pipeline, s: ReportSettings, fp32: dict) -> dict:
-    size = fp32_pipe.manifest.model.image_size
+    size = fp32_pipe.manifest.model.emu2.image_size
     tasks = {"caption_accuracy": data.captioning("test", s.captions, size=size),
              "vqa_accuracy": data.vqa("test", s.vqa, size=size)}
     out, want_all, got_all = {}, [], []
@@ -217,7 +217,7 @@ def _images(fp32_pipe: Pipeline, variant_pipe: Pipeline, bundle: Bundle, s: Repo
     from emu_edge.runtime.judge import Judge
 
     judge = Judge(bundle.graph_path("judge"))
-    samples = t2i_prompts(s.t2i, fp32_pipe.manifest.model.image_size)
+    samples = t2i_prompts(s.t2i, fp32_pipe.manifest.model.emu2.image_size)
     prompts = [[x.segments[0].value] for x in samples]
     generation = fp32_pipe.image_defaults(s.steps, s.guidance, "ddim")
     kwargs = dict(**generation, seed=0)

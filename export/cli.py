@@ -21,7 +21,8 @@ from emu_edge.export.decoder import DecoderExportError
 from emu_edge.export.hf_cli import ExportError, export_llm
 from emu_edge.export.unet import export_unet
 from emu_edge.export.vision import export_vision
-from emu_edge.runtime.manifest import ModelSpec
+from emu_edge.runtime.manifest import Emu2Spec, ModelSpec
+from emu_edge.runtime.prompt import PromptLayout
 
 VIDEO_FRAMES = 8
 
@@ -68,8 +69,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
         raise ExportError(f"{meta_file} does not exist (not an emu-edge checkpoint?)")
     try:
         meta = json.loads(meta_file.read_text())
-        tokens, n_query, frame_n_query = meta["special_tokens"], meta["n_query"], meta["frame_n_query"]
-    except (ValueError, KeyError) as e:
+        layout = PromptLayout.from_dict(meta["prompt"])
+        n_query, frame_n_query = meta["n_query"], meta["frame_n_query"]
+    except (ValueError, KeyError, TypeError) as e:  # PromptLayoutError is a ValueError
         raise ExportError(f"{meta_file} is corrupt: {e}") from e
     proj = _projections(ck / "projections.safetensors")
     start = time.perf_counter()
@@ -79,18 +81,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
                             max_length=max_length or meta["config"]["max_length"],
                             project_down=(proj["project_down.weight"], proj["project_down.bias"]),
                             project_up=(proj["project_up.weight"], proj["project_up.bias"]),
-                            image_token_id=tokens["<image>"])
-        fields |= export_vision(ck / "vision", writer, n_query, frame_n_query)
-        fields |= export_unet(ck / "unet", writer, n_query)
+                            image_token_id=layout.token_id(layout.placeholder))
+        visual = export_vision(ck / "vision", writer, n_query, frame_n_query)
+        visual |= export_unet(ck / "unet", writer, n_query)
         judge = ck / "judge.onnx"
         if judge.is_file():  # calibration and quantization reports score images with it, torch-free
             writer.add_graph("judge", onnx.load(str(judge)))
         writer.write_tokenizer(ck / "tokenizer.json")
         fields.update(
-            special_tokens=tokens, video_frames=VIDEO_FRAMES,
-            image_mean=meta["image_mean"], image_std=meta["image_std"],
-            prompt_templates={k: v for k, v in meta["prompt_templates"].items() if isinstance(v, str)},
-            unconditional_embedding=meta["unconditional_embedding"], scheduler=meta["scheduler"],
+            family="emu2", prompt=layout,
+            emu2=Emu2Spec(**visual, video_frames=VIDEO_FRAMES, image_mean=meta["image_mean"],
+                          image_std=meta["image_std"], unconditional_embedding=meta["unconditional_embedding"],
+                          scheduler=meta["scheduler"]),
             generation=meta["generation_defaults"], architecture="emu-edge",
             source={"checkpoint": ck.name, "preset": meta["config"].get("preset")},
         )

@@ -21,7 +21,8 @@ import numpy as np
 from emu_edge.export.bundle_writer import BundleWriter, BundleWriteError
 from emu_edge.export.decoder import DecoderExportError, build_decoder, decoder_dims, resolve_attention
 from emu_edge.export.embed import build_embed
-from emu_edge.runtime.manifest import KVSpec, ModelSpec
+from emu_edge.runtime.manifest import Emu2Spec, KVSpec, ModelSpec
+from emu_edge.runtime.prompt import emu2_layout
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 DEFAULT_MAX_LENGTH = 4096
@@ -57,13 +58,17 @@ def run(args) -> int:
         with BundleWriter(args.out, overwrite=args.overwrite) as writer:
             print(f"exporting to {writer.out}")
             fields = export_llm(args.llm, writer, attention=args.attention, max_length=args.max_length)
-            if args.vision is not None:
-                fields |= export_vision(args.vision, writer, args.n_query, args.frame_n_query)
-            if args.unet is not None:
-                fields |= export_unet(args.unet, writer, args.n_query)
+            fields["family"] = "llm"
+            if args.vision is not None or args.unet is not None:
+                if args.vision is None or args.unet is None:
+                    raise ExportError("an emu2 bundle needs both --vision and --unet (images in and out)")
+                visual = export_vision(args.vision, writer, args.n_query, args.frame_n_query)
+                visual |= export_unet(args.unet, writer, args.n_query)
+                fields.update(family="emu2", emu2=Emu2Spec(**visual, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                              prompt=emu2_layout(_special_tokens(Path(args.llm) / "tokenizer.json")))
             writer.write_tokenizer(Path(args.llm) / "tokenizer.json")
             out = writer.finish(ModelSpec(**fields))
-    except (ExportError, BundleWriteError, DecoderExportError, FileNotFoundError, ValueError) as e:
+    except (ExportError, BundleWriteError, DecoderExportError, FileNotFoundError, ValueError) as e:  # PromptLayoutError is a ValueError
         print(f"emu-edge export-hf: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
@@ -178,7 +183,6 @@ def export_llm(llm_dir: str | Path, writer: BundleWriter, attention: str = "auto
         bos_token_id=_token_id(generation, config_dict, key="bos_token_id"),
         eos_token_id=_token_id(generation, config_dict, key="eos_token_id"),
         pad_token_id=_token_id(generation, config_dict, key="pad_token_id"),
-        special_tokens=_special_tokens(Path(llm_dir) / "tokenizer.json"),
         generation={k: v for k, v in generation.items()
                     if k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")},
         architecture="LlamaForCausalLM",

@@ -134,7 +134,7 @@ def measure_bundle(path: str | Path, device: str = "cpu", threads: int | None = 
         "load_s": load_s,
     }
     if pipe.is_multimodal:
-        image = rng.integers(0, 256, size=(m.image_size, m.image_size, 3), dtype=np.uint8)
+        image = rng.integers(0, 256, size=(m.emu2.image_size, m.emu2.image_size, 3), dtype=np.uint8)
         result["vision_encoder"] = _median_ms(lambda: pipe.encode_visuals([("image", image)]), repeat)
 
     session = pipe.session(1)
@@ -147,7 +147,7 @@ def measure_bundle(path: str | Path, device: str = "cpu", threads: int | None = 
     result["decode"] = measure_decode(pipe, rng, min(tokens, pipe.max_length - lengths[0]), repeat, lengths[0])
     if pipe.is_multimodal:
         encoded = pipe.encode_items([PROMPT], "image")
-        result["regression"] = {"n": m.n_query, **_median_ms(lambda: pipe.regress([encoded]), repeat)}
+        result["regression"] = {"n": m.emu2.n_query, **_median_ms(lambda: pipe.regress([encoded]), repeat)}
         result["unet_step"] = measure_unet_step(pipe, rng, repeat)
         result["caption"] = measure_caption(pipe, image, repeat)
         steps = steps or (m.generation or {}).get("steps", 25)
@@ -191,7 +191,7 @@ def measure_unet_step(pipe, rng, repeat: int) -> dict:
     m = pipe.manifest.model
     unet = pipe.graph("unet")
     dim = unet.input_shapes["encoder_hidden_states"][2]
-    cond = rng.standard_normal((1, m.n_query, dim)).astype(np.float32)
+    cond = rng.standard_normal((1, m.emu2.n_query, dim)).astype(np.float32)
     steps = 4
     timing = _median_ms(lambda: pipe.denoise(cond, steps=steps, seed=0), repeat)
     return {"batch": 2, **{k: v / steps for k, v in timing.items()}}

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    size = pipe.manifest.model.image_size
+    size = pipe.manifest.model.emu2.image_size
     cells: list[tuple[Image.Image, str]] = []
     report: dict[str, list] = {"caption": [], "ask": [], "generate": [], "edit": [], "autoencode": []}
 

@@ -4,6 +4,12 @@ The exporter writes the manifest through these classes and the runtime reads it 
 them, so the two sides cannot drift. Keys this version does not know are kept and written
 back unchanged (a newer exporter's additions survive a round trip through an older tool);
 a schema version this runtime does not read is refused with the versions it does read.
+
+Schema 2 declares the model's family (`model.family`: llm, emu2, later emu3) instead of
+leaving the runtime to guess it from which graphs exist; each graph says its role, the
+tensor names the runtime binds for that role, and the precisions it may be turned into;
+the prompt layout is data (runtime.prompt.PromptLayout); family fields live in one object
+named after the family (`model.emu2`).
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+from emu_edge.runtime.prompt import PromptLayout, PromptLayoutError
+
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (2,)
 MANIFEST_FILE = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 ATTENTION_VARIANTS = ("gqa", "standard")
@@ -45,11 +53,15 @@ class _Spec:
         missing = [n for n in required if n not in data]
         if missing:
             raise ManifestError(f"{where} is missing the field(s) {', '.join(missing)}")
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is None}
         values = {}
         for name in names:
             if name in data:
                 convert = cls._nested.get(name)
-                values[name] = convert(data[name], f"{where}.{name}") if convert else data[name]
+                if convert is None or (data[name] is None and name in optional):
+                    values[name] = data[name]
+                else:
+                    values[name] = convert(data[name], f"{where}.{name}")
         spec = cls(**values)
         spec.unknown_keys = {k: v for k, v in data.items() if k not in names}
         spec.validate(where)
@@ -70,7 +82,7 @@ class _Spec:
 
 
 def _plain(value):
-    if isinstance(value, _Spec):
+    if isinstance(value, (_Spec, PromptLayout)):
         return value.to_dict()
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -117,6 +129,7 @@ class IOSpec(_Spec):
 
 @dataclass
 class GraphSpec(_Spec):
+    role: str                      # embed, decoder, vision_encoder, unet, judge (emu3: vq_encoder, vq_decoder)
     file: str
     sha256: str
     precision: str
@@ -131,14 +144,29 @@ class GraphSpec(_Spec):
     profiles: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # Tensors stored beside the graph (graphs over 2 GB): [{"file": ..., "sha256": ...}]
     external_data: list[dict] = field(default_factory=list)
+    # What the runtime binds, by what it means: {"logits": "logits", "past_key":
+    # "past_key_values.{layer}.key", ...}; per-layer names carry a {layer} field.
+    names: dict[str, str] = field(default_factory=dict)
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])   # what quantize may make of it
     extra: dict = field(default_factory=dict)
     unknown_keys: dict = _unknown_field()
 
     _nested = {"inputs": _list_of(IOSpec), "outputs": _list_of(IOSpec), "dynamic_axes": _dynamic_axes}
 
     def validate(self, where: str) -> None:
-        if self.precision not in PRECISIONS:
-            raise ManifestError(f"{where}.precision is {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        for value, key in [(self.precision, "precision")] + [(p, "precisions") for p in self.precisions]:
+            if value not in PRECISIONS:
+                raise ManifestError(f"{where}.{key} holds {value!r}; expected one of {', '.join(PRECISIONS)}")
+
+    def name(self, key: str, layer: int | None = None) -> str:
+        """The tensor bound for `key` ("logits", "past_key" with a layer, ...)."""
+        if key not in self.names:
+            raise ManifestError(f"the {self.role} graph {self.file} declares no tensor for {key!r} "
+                                f"(it maps {', '.join(self.names) or 'nothing'}); re-export the bundle")
+        return self.names[key].format(layer=layer) if layer is not None else self.names[key]
+
+    def has(self, key: str) -> bool:
+        return key in self.names
 
     def input(self, name: str) -> IOSpec | None:
         return next((io for io in self.inputs if io.name == name), None)
@@ -170,10 +198,44 @@ class KVSpec(_Spec):
 
 
 @dataclass
-class ModelSpec(_Spec):
-    """What the runtime needs to know about the model besides the graphs. Only the text
-    fields are required; image fields are present when the bundle has those graphs."""
+class Emu2Spec(_Spec):
+    """An Emu2-style model's visual side: continuous embeddings in, regressed embeddings
+    and a diffusion U-Net out."""
 
+    n_query: int                   # visual embeddings per image
+    frame_n_query: int             # visual embeddings per video frame
+    visual_dim: int
+    image_size: int
+    image_mean: list[float]
+    image_std: list[float]
+    video_frames: int = 8          # frames a clip is sampled to
+    unconditional_embedding: dict = field(default_factory=lambda: {"kind": "zeros"})
+    scheduler: dict = field(default_factory=dict)   # a diffusers scheduler config
+    unknown_keys: dict = _unknown_field()
+
+    def counts(self) -> dict[str, int]:
+        """The repeat counts the prompt layout refers to by name."""
+        return {"n_query": self.n_query, "frame_n_query": self.frame_n_query}
+
+
+# family -> the ModelSpec field holding its own settings (None: the text fields suffice).
+# A new family adds its spec class and one entry here.
+FAMILY_FIELDS: dict[str, str | None] = {"llm": None, "emu2": "emu2"}
+
+
+def _prompt_layout(data, where):
+    try:
+        return PromptLayout.from_dict(data)
+    except PromptLayoutError as e:
+        raise ManifestError(f"{where}: {e}") from e
+
+
+@dataclass
+class ModelSpec(_Spec):
+    """What the runtime needs to know about the model besides the graphs: the text fields
+    every family has, the prompt layout, and the family's own object."""
+
+    family: str                    # llm | emu2 (FAMILY_FIELDS)
     vocab_size: int
     hidden_size: int
     max_length: int                # positions the decoder's rotary tables cover
@@ -181,29 +243,33 @@ class ModelSpec(_Spec):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    # "[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]", ... -> id
-    special_tokens: dict[str, int] = field(default_factory=dict)
-    n_query: int | None = None                 # visual embeddings per image
-    frame_n_query: int | None = None           # visual embeddings per video frame
-    video_frames: int | None = None            # frames a clip is sampled to
-    visual_dim: int | None = None
-    image_size: int | None = None
-    image_mean: list[float] | None = None
-    image_std: list[float] | None = None
-    prompt_templates: dict[str, str] = field(default_factory=dict)
-    unconditional_embedding: dict | None = None   # e.g. {"kind": "zeros"}
-    scheduler: dict | None = None                 # a diffusers scheduler config
+    prompt: PromptLayout | None = None            # None: prompts are plain tokenizer text (llm)
     generation: dict = field(default_factory=dict)  # generation defaults
     architecture: str | None = None
     source: dict = field(default_factory=dict)    # where the weights came from
+    emu2: Emu2Spec | None = None
     unknown_keys: dict = _unknown_field()
 
-    _nested = {"kv": KVSpec.from_dict}
+    _nested = {"kv": KVSpec.from_dict, "prompt": _prompt_layout, "emu2": Emu2Spec.from_dict}
+
+    def validate(self, where: str) -> None:
+        if self.family not in FAMILY_FIELDS:
+            raise ManifestError(f"{where}.family is {self.family!r}; this runtime runs "
+                                f"{', '.join(FAMILY_FIELDS)}. Upgrade emu-edge to run it.")
+        own = FAMILY_FIELDS[self.family]
+        if own is not None and getattr(self, own) is None:
+            raise ManifestError(f"{where} is of family {self.family!r} but has no {where}.{own} object")
 
     def eos_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    def special_ids(self) -> set[int]:
+        """Every id that is not text: the layout's special tokens, EOS, BOS and padding."""
+        ids = set(self.prompt.tokens.values()) if self.prompt else set()
+        ids |= set(self.eos_ids()) | {self.bos_token_id, self.pad_token_id}
+        return ids - {None}
 
 
 @dataclass
@@ -230,6 +296,12 @@ class Manifest(_Spec):
             version = data["schema_version"]
             if version not in SUPPORTED_SCHEMA_VERSIONS:
                 readable = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
+                if isinstance(version, int) and version < SCHEMA_VERSION:
+                    raise ManifestError(
+                        f"{where} has schema_version {version!r}, written by an older emu-edge; this runtime "
+                        f"reads schema version(s) {readable}. Re-export the bundle with this version "
+                        "(emu-edge export CHECKPOINT --out BUNDLE, or emu-edge export-hf for Hugging Face "
+                        "folders); the shipped model's cached bundle is re-exported on its own.")
                 raise ManifestError(
                     f"{where} has schema_version {version!r}; this runtime reads schema version(s) "
                     f"{readable}. Upgrade emu-edge to read it, or re-export the bundle with this version.")

@@ -48,7 +48,8 @@ class Pipeline:
         self._builder: PromptBuilder | None = None
         self._uncond: np.ndarray | None = None
         # Read once: the text loop masks it at every step.
-        self._image_id: int | None = bundle.manifest.model.special_tokens.get(IMAGE)
+        layout = bundle.manifest.model.prompt
+        self._image_id: int | None = layout.token_id(layout.placeholder) if layout and layout.placeholder else None
 
     @classmethod
     def load(cls, bundle: str | Path | Bundle, device: str = "cpu", backend: str = "onnxruntime",
@@ -306,7 +307,7 @@ class Pipeline:
 
     @property
     def is_multimodal(self) -> bool:
-        return self.bundle.has_graph("vision_encoder")
+        return self.manifest.model.family == "emu2"
 
     def graph(self, name: str):
         """The backend of a graph, created on first use (a captioning app never loads the U-Net)."""
@@ -324,15 +325,15 @@ class Pipeline:
             m = self.manifest.model
             self.graph("vision_encoder")
             tok = self.tokenizer
-            self._builder = PromptBuilder(m.special_tokens, lambda t: tok.encode(t, add_special_tokens=False).ids,
-                                          m.n_query, m.frame_n_query or m.n_query)
+            self._builder = PromptBuilder(m.prompt, lambda t: tok.encode(t, add_special_tokens=False).ids,
+                                          m.emu2.counts())
         return self._builder
 
     def segments(self, items, video_frames: int | None = None) -> list[tuple[str, object]]:
         """Interleaved items -> prompt segments. A str is text; a PIL image, an [H, W, C]
         array or a pathlib.Path is an image; a list or tuple of images (or an [T, H, W, C]
         array) is a video clip, sampled uniformly to `video_frames` (default: the bundle's)."""
-        frames = video_frames or self.manifest.model.video_frames or VIDEO_FRAME_COUNTS[0]
+        frames = video_frames or self.manifest.model.emu2.video_frames
         if frames < 1:
             raise ValueError(f"video_frames must be >= 1 (8, 12 or 16 are typical), got {frames}")
         if isinstance(items, (str, Path, Image.Image, np.ndarray)):
@@ -377,7 +378,7 @@ class Pipeline:
         All images go through the vision encoder in one call, all frames in another."""
         if not visuals:
             return None
-        m = self.manifest.model
+        m = self.manifest.model.emu2
         vision = self.graph("vision_encoder")
 
         def run(pictures, output):
@@ -400,7 +401,7 @@ class Pipeline:
     def regress(self, encoded: list[Encoded]) -> np.ndarray:
         """Prompts ending in [IMG] -> their N visual embeddings [B, N, visual_dim]: each
         decode step's regressed embedding is fed back as the next <image> input."""
-        n = self.manifest.model.n_query
+        n = self.manifest.model.emu2.n_query
         rows = [e.ids for e in encoded]
         needed = max(len(r) for r in rows) + n - 1
         if needed > self.max_length:
@@ -416,7 +417,7 @@ class Pipeline:
 
     def unconditional(self, n: int, dim: int) -> np.ndarray:
         """The embeddings classifier-free guidance contrasts with, computed once."""
-        kind = (self.manifest.model.unconditional_embedding or {}).get("kind", "zeros")
+        kind = self.manifest.model.emu2.unconditional_embedding.get("kind", "zeros")
         if kind != "zeros":
             raise ValueError(f"unknown unconditional embedding {kind!r} in the manifest (this runtime knows 'zeros')")
         if self._uncond is None or self._uncond.shape != (n, dim):
@@ -428,7 +429,7 @@ class Pipeline:
                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """The U-Net loop: cond [B, N, D] -> images [B, 3, S, S] in [-1, 1]. Conditional and
         unconditional branches run in ONE batched U-Net call per step."""
-        m = self.manifest.model
+        m = self.manifest.model.emu2
         chosen = self.image_defaults(steps, guidance, scheduler)
         steps, guidance, scheduler = chosen["steps"], chosen["guidance"], chosen["scheduler"]
         if not isinstance(guidance, (int, float)) or not np.isfinite(guidance) or guidance < 0:
@@ -522,7 +523,7 @@ class Conversation:
         embeds = pipe.embed(np.asarray([ids], np.int64), pipe.encode_visuals(encoded.visuals))
         out = self.session.extend(embeds) if self.history else self.session.prefill(embeds)
         self.history += ids
-        eos = pipe.manifest.model.special_tokens.get(EOS, (pipe.manifest.model.eos_ids() or [None])[0])
+        eos = pipe.manifest.model.prompt.token_id(EOS)
 
         def tokens():
             nonlocal out

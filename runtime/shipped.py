@@ -3,8 +3,8 @@
     EMU_EDGE_BUNDLE   use this bundle folder as the default
     EMU_EDGE_CACHE    cache root (default ~/.cache/emu-edge); bundles go under bundles/
 
-The cache key is a hash of the checkpoint's files, so retraining the shipped model
-re-exports it. Exporting needs the `[train]` extra (torch); it runs as a separate process
+The cache key is the manifest schema version and a hash of the checkpoint's files, so
+retraining the shipped model, or a runtime that reads a newer schema, re-exports it. Exporting needs the `[train]` extra (torch); it runs as a separate process
 so the runtime itself never imports torch. On a device, copy a bundle and pass --bundle.
 """
 
@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from emu_edge.runtime.manifest import SCHEMA_VERSION
 
 SHIPPED_NAME = "emu-edge-small"
 
@@ -46,7 +48,9 @@ def default_bundle(log=print) -> Path:
         raise FileNotFoundError(
             f"no default bundle: the shipped checkpoint {ck} is not here (an installed wheel does not carry it). "
             "Pass --bundle DIR, or set EMU_EDGE_BUNDLE.")
-    bundle = cache_root() / "bundles" / f"{SHIPPED_NAME}-{_fingerprint(ck)}"
+    # Keyed by the manifest schema too: a runtime that reads a newer schema exports afresh
+    # instead of finding (and refusing) the bundle an older one cached.
+    bundle = cache_root() / "bundles" / f"{SHIPPED_NAME}-v{SCHEMA_VERSION}-{_fingerprint(ck)}"
     if (bundle / "manifest.json").is_file():
         return bundle
     log(f"exporting the shipped model {ck} to {bundle} (once; later runs reuse it)")

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from emu_edge.runtime.prompt import TEMPLATES, CHAT_TASKS
+from emu_edge.runtime.prompt import emu2_layout
 from emu_edge.training.config import EmuConfig
 from emu_edge.training.batching import IMAGE_MEAN, IMAGE_STD
 
@@ -59,8 +59,9 @@ def emu_json(model, cfg: EmuConfig, generation: dict | None = None, training: di
         "image_mean": list(IMAGE_MEAN),
         "image_std": list(IMAGE_STD),
         "visual_dim": cfg.vision_hidden,
-        "special_tokens": model.token_ids,
-        "prompt_templates": {**TEMPLATES, "chat_tasks": list(CHAT_TASKS)},
+        # The prompt layout as data, special-token ids included: the exporter copies it
+        # into the bundle's manifest and the runtime executes it.
+        "prompt": emu2_layout(model.token_ids).to_dict(),
         "unconditional_embedding": {"kind": "zeros"},
         "scheduler": {k: v for k, v in model.scheduler.config.items() if not k.startswith("_")},
         "generation_defaults": {**GENERATION_DEFAULTS, **(generation or {})},
@@ -145,10 +146,16 @@ def load_checkpoint(path: str | Path):
         proj = load_file(str(proj_file))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt checkpoint file {proj_file}: {e}") from e
-    model = EmuModel(cfg, meta["special_tokens"], vision=loaded["vision"], llm=loaded["llm"], unet=loaded["unet"])
+    model = EmuModel(cfg, checkpoint_token_ids(meta), vision=loaded["vision"], llm=loaded["llm"], unet=loaded["unet"])
     for p in ("project_up", "project_down"):
         getattr(model, p).load_state_dict({k.split(".", 1)[1]: v.float() for k, v in proj.items() if k.startswith(p + ".")})
     return model.eval(), tokenizer, cfg
+
+
+def checkpoint_token_ids(meta: dict) -> dict[str, int]:
+    """Special-token ids from emu.json: inside its prompt layout (checkpoints written before
+    the layout was data kept them in a `special_tokens` map)."""
+    return dict(meta["prompt"]["tokens"] if "prompt" in meta else meta["special_tokens"])
 
 
 # --- resumable training state -------------------------------------------------------------

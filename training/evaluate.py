@@ -17,7 +17,7 @@ import torch
 
 from emu_edge import data
 from emu_edge.runtime.judge import Judge
-from emu_edge.runtime.prompt import PromptBuilder
+from emu_edge.runtime.prompt import emu2_builder
 from emu_edge.training import generate as gen
 from emu_edge.training.checkpoint import CheckpointError, load_checkpoint
 from emu_edge.training.tokenizer import encode_text_fn
@@ -68,7 +68,7 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
     if not judge_file.exists():
         raise CheckpointError(f"checkpoint file missing: {judge_file}")
     judge = Judge(judge_file)
-    builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
+    builder = emu2_builder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
     n = {k: max(4, int(v * scale)) for k, v in SIZES.items() if k in run}
     size = cfg.image_size
     results: dict[str, float | int] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from emu_edge.runtime.prompt import SPECIAL_TOKENS
+from emu_edge.runtime.prompt import EMU2_SPECIAL_TOKENS
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
@@ -12,7 +12,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(EMU2_SPECIAL_TOKENS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     # Each line is seen with the leading space the prompt builder gives text segments.
@@ -21,7 +21,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    ids = {t: tok.token_to_id(t) for t in EMU2_SPECIAL_TOKENS}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
         raise ValueError(f"tokenizer lacks the special tokens {missing}")

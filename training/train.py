@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emu_edge import data
-from emu_edge.runtime.prompt import PromptBuilder
+from emu_edge.runtime.prompt import PromptBuilder, emu2_builder
 from emu_edge.training import checkpoint as ckpt
 from emu_edge.training.batching import (ATTRIBUTE_CLASSES, attribute_targets, collate, encode, image_of,
                                         length_chunks, to_pixels, visual_sequence)
@@ -296,7 +296,7 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
     if rank == 0 and not resume:
         tokenizer.save(str(out / "tokenizer.json"))
         (out / "train_config.json").write_text(cfg.dumps())
-    builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
+    builder = emu2_builder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
     pad_id = model.token_ids["<pad>"]
 
     start_stage, start_step = stages[0], 0

@@ -54,7 +54,8 @@ def test_checkpoint_layout_and_from_pretrained(tiny_checkpoint):
     odd = [p for p in ck.rglob("*") if p.is_file() and p.suffix not in allowed]
     assert not odd, odd
     meta = json.loads((ck / "emu.json").read_text())
-    assert meta["n_query"] == 4 and set(meta["special_tokens"]) >= {"[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]"}
+    assert meta["n_query"] == 4
+    assert set(meta["prompt"]["tokens"]) >= {"[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]"}
 
 
 def test_training_lowers_the_loss(tiny_checkpoint):
@@ -293,13 +294,13 @@ def test_mix_names_one_stage(tmp_path):
 def test_length_chunks_give_the_padded_batch_gradient(tiny_checkpoint):
     # Stage 4 mixes short and long sequences; chunks sorted by length pad less, and their
     # summed gradients must equal the whole batch's.
-    from emu_edge.runtime.prompt import PromptBuilder
+    from emu_edge.runtime.prompt import emu2_builder
     from emu_edge.training.tokenizer import encode_text_fn
     from emu_edge.training.train import STAGES, StageLoss, make_batch
 
     model, tokenizer, cfg = load_checkpoint(tiny_checkpoint)
     model.float().train()
-    builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
+    builder = emu2_builder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
     step = int(torch.randint(1000, ()))
     grads = []
     for chunks in (1, 4):
@@ -318,13 +319,13 @@ def test_length_chunks_give_the_padded_batch_gradient(tiny_checkpoint):
 def test_alignment_conditions_text_to_image_on_regressed_embeddings(tiny_checkpoint):
     import numpy as np
 
-    from emu_edge.runtime.prompt import PromptBuilder
+    from emu_edge.runtime.prompt import emu2_builder
     from emu_edge.training import generate
     from emu_edge.training.tokenizer import encode_text_fn
     from emu_edge.training.train import STAGES, StageLoss, make_batch
 
     model, tokenizer, cfg = load_checkpoint(tiny_checkpoint)
-    builder = PromptBuilder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
+    builder = emu2_builder(model.token_ids, encode_text_fn(tokenizer), cfg.n_query, cfg.frame_n_query)
     step = int(np.random.default_rng().integers(1000))
     [(images, noise, timesteps, drop, prompts)], counts = make_batch(cfg, "5", step, 0, 1, builder, 0, model)
     assert any(prompts) and not all(prompts)  # a mixture: some text-to-image, some autoencoding

@@ -29,18 +29,25 @@ def test_bundle_has_every_graph_and_manifest_field(tiny_bundle):
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert set(manifest["graphs"]) >= {"embed", "vision_encoder", "decoder", "unet"}
     for name, g in manifest["graphs"].items():
-        for field in ("file", "sha256", "precision", "inputs", "outputs", "dynamic_axes", "profiles",
-                      "domains", "ir_version", "opset", "min_onnxruntime"):
+        for field in ("role", "file", "sha256", "precision", "precisions", "names", "inputs", "outputs",
+                      "dynamic_axes", "profiles", "domains", "ir_version", "opset", "min_onnxruntime"):
             assert field in g, f"{name}: {field}"
         assert g["ir_version"] <= 9 and g["opset"] <= 19
         model = onnx.load(str(tiny_bundle / g["file"]))
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        # Every tensor the runtime binds by role is one the graph has.
+        tensors = {io["name"] for io in g["inputs"] + g["outputs"]}
+        assert g["names"] and all(n.format(layer=0) in tensors for n in g["names"].values()), name
+        assert g["role"] == name and g["precision"] in g["precisions"]
     m = manifest["model"]
-    for field in ("special_tokens", "n_query", "image_size", "image_mean", "image_std", "prompt_templates",
-                  "max_length", "kv", "unconditional_embedding", "scheduler", "generation"):
+    assert manifest["schema_version"] == 2 and m["family"] == "emu2"
+    for field in ("max_length", "kv", "generation", "prompt", "emu2"):
         assert m.get(field) not in (None, {}, []), field
-    assert set(m["special_tokens"]) >= {"[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]", "<s>", "</s>", "<pad>"}
+    for field in ("n_query", "image_size", "image_mean", "image_std", "unconditional_embedding", "scheduler"):
+        assert m["emu2"].get(field) not in (None, {}, []), field
+    assert set(m["prompt"]["tokens"]) >= {"[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]", "<s>", "</s>", "<pad>"}
+    assert m["prompt"]["placeholder"] == "<image>"
     assert (tiny_bundle / "tokenizer.json").exists()
     unet = manifest["graphs"]["unet"]
     assert next(i for i in unet["inputs"] if i["name"] == "timestep")["dtype"] == "float32"
@@ -131,4 +138,4 @@ def test_export_hf_vision_and_unet_folders(tiny_checkpoint, tmp_path):
                  "--n-query", "4", "--frame-n-query", "1", "--out", str(out)]) == 0
     bundle = Bundle.open(out)
     assert {"embed", "decoder", "vision_encoder", "unet"} <= set(bundle.manifest.graphs)
-    assert bundle.manifest.model.n_query == 4 and bundle.manifest.model.image_size == 16
+    assert bundle.manifest.model.emu2.n_query == 4 and bundle.manifest.model.emu2.image_size == 16

@@ -219,7 +219,7 @@ def test_external_data_above_threshold(tmp_path):
         spec = writer.add_graph("decoder", graph)
         writer.write_tokenizer(_tiny_tokenizer())
         dims = decoder_dims(model.config)
-        writer.finish(ModelSpec(vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, max_length=MAX_LENGTH,
+        writer.finish(ModelSpec(family="llm", vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, max_length=MAX_LENGTH,
                                 kv=KVSpec(dims.num_layers, dims.num_kv_heads, dims.head_dim, attention="gqa")))
     assert spec.external_data and spec.external_data[0]["file"] == "decoder.onnx.data"
     assert (out / "decoder.onnx.data").stat().st_size > (out / "decoder.onnx").stat().st_size

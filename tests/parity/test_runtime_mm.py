@@ -198,7 +198,7 @@ def test_prompt_longer_than_the_context_names_the_limit(pipe):
 
 def test_image_placeholder_is_never_a_text_token(tiny_bundle, monkeypatch):
     pipe = Pipeline.load(tiny_bundle)  # its own: the logits are rigged below
-    image_id = pipe.manifest.model.special_tokens["<image>"]
+    image_id = pipe.manifest.model.prompt.tokens["<image>"]
     with pytest.raises(ValueError, match="<image>"):
         pipe.generate_ids([1, image_id, 9], 2)
     with pytest.raises(ValueError, match="<image>"):

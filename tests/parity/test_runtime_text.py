@@ -204,7 +204,16 @@ def test_unknown_schema_version_is_refused(bundle_copy):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["schema_version"] = 99
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"schema_version 99; this runtime reads schema version\(s\) 1"):
+    with pytest.raises(BundleError, match=r"schema_version 99; this runtime reads schema version\(s\) 2"):
+        Bundle.open(bundle_copy)
+
+
+def test_a_v1_bundle_is_refused_with_how_to_re_export(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"schema_version 1, written by an older emu-edge.*Re-export the bundle "
+                                          r"with this version \(emu-edge export CHECKPOINT --out BUNDLE"):
         Bundle.open(bundle_copy)
 
 
