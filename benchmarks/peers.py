@@ -252,7 +252,8 @@ def with_n_query(pipe, n: int):
     from emu_edge.runtime.pipeline import Pipeline
 
     model = pipe.manifest.model
-    manifest = dataclasses.replace(pipe.manifest, model=dataclasses.replace(model, emu2=dataclasses.replace(model.emu2, n_query=n)))
+    emu2 = dataclasses.replace(model.emu2, n_query=n)
+    manifest = dataclasses.replace(pipe.manifest, model=dataclasses.replace(model, emu2=emu2))
     bundle = dataclasses.replace(pipe.bundle, manifest=manifest)
     return Pipeline(bundle, pipe.backends, pipe.max_length, pipe.device, pipe.backend_kind, pipe.threads)
 
@@ -275,12 +276,12 @@ def teacher_forced_agreement(pipe, prompt: list[int], reference: list[int]) -> f
     position seeing the reference's own history (so one early difference does not turn
     every later position into a mismatch)."""
     session = pipe.session(1)
-    out = pipe.prefill(session, [prompt])
+    out = session.prefill([prompt])
     hits = 0
     for i, token in enumerate(reference):
         hits += int(np.argmax(out.logits[0]) == token)
         if i < len(reference) - 1:
-            out = pipe.decode_one(session, np.array([token]))
+            out = session.step([token])
     return hits / len(reference)
 
 

@@ -113,18 +113,20 @@ def profile_decoder(bundle: Path, threads: int, steps: int, prompt: int = 16) ->
     from emu_edge.runtime.bundle import Bundle
     from emu_edge.runtime.decoder import DecoderSession
 
-    spec = Bundle.open(bundle, verify=False).manifest.model
-    path = bundle / "decoder.onnx"
+    manifest = Bundle.open(bundle, verify=False).manifest
+    spec = manifest.model
+    path = bundle / manifest.role("decoder").file
+    embed = OnnxBackend(bundle / manifest.role("embed").file, threads=1)
     rng = np.random.default_rng(0)
     embeds = rng.standard_normal((1, prompt, spec.hidden_size), dtype=np.float32)
     step = rng.standard_normal((1, 1, spec.hidden_size), dtype=np.float32)
 
     def decode(session):
-        session.prefill(embeds)
+        session.prefill_embeds(embeds)
         for _ in range(steps):
-            session.step(step)
+            session.step_embeds(step)
 
-    plain = DecoderSession(OnnxBackend(path, threads=threads), spec, 1, prompt + steps)
+    plain = DecoderSession(OnnxBackend(path, threads=threads), embed, manifest, 1, prompt + steps)
     model, feeds, nbytes = weight_ops_alone(path)
     alone = _session(model, threads)
 
@@ -138,9 +140,9 @@ def profile_decoder(bundle: Path, threads: int, steps: int, prompt: int = 16) ->
     with tempfile.TemporaryDirectory() as tmp:
         backend = OnnxBackend(path, threads=threads)
         backend.session = _session(path, threads, tmp)   # the same graph, profiled
-        decode(DecoderSession(backend, spec, 1, prompt + steps))  # warm-up: not counted
+        decode(DecoderSession(backend, embed, manifest, 1, prompt + steps))  # warm-up: not counted
         for _ in range(3):
-            decode(DecoderSession(backend, spec, 1, prompt + steps))
+            decode(DecoderSession(backend, embed, manifest, 1, prompt + steps))
         ops = per_operator(backend.session.end_profiling(), runs=3 * (steps + 1), skip=steps + 1)
     return {"graph": "decoder", "bundle": str(bundle), "threads": threads,
             "loop_python_us": loop_python_us(bundle, threads, prompt, steps),

@@ -18,17 +18,15 @@ STEPS = 16
 
 def _ours_steps(pipe, ids: np.ndarray, max_length: int):
     """Decode-step seconds of our runtime after a prefill of `ids` [B, L]: the loop's own
-    verbs (embed + DecoderSession.step) on a cache sized for the point."""
-    from emu_edge.runtime.decoder import DecoderSession
-
-    session = DecoderSession(pipe.backends["decoder"], pipe.manifest.model, ids.shape[0], max_length)
+    verbs (DecoderSession.prefill and step) on a cache sized for the point."""
+    session = pipe.session(ids.shape[0], max_length)
 
     def run() -> float:
-        out = session.prefill(pipe.embed(ids))
+        out = session.prefill(ids.tolist())
         tokens = np.argmax(out.logits, axis=-1)
         start = time.perf_counter()
         for _ in range(STEPS):
-            out = pipe.decode_one(session, tokens)
+            out = session.step(tokens)
             tokens = np.argmax(out.logits, axis=-1)
         return (time.perf_counter() - start) / STEPS
 

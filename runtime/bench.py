@@ -142,7 +142,7 @@ def measure_bundle(path: str | Path, device: str = "cpu", threads: int | None = 
     result["prefill"] = {}
     for n in lengths:
         ids = _random_ids(rng, m.vocab_size, n)
-        result["prefill"][str(n)] = _median_ms(lambda: session.prefill(pipe.embed(ids)), repeat)
+        result["prefill"][str(n)] = _median_ms(lambda: session.prefill(ids.tolist()), repeat)
 
     result["decode"] = measure_decode(pipe, rng, min(tokens, pipe.max_length - lengths[0]), repeat, lengths[0])
     if pipe.is_multimodal:
@@ -206,19 +206,16 @@ def measure_caption(pipe, image, repeat: int) -> dict:
 def measure_scaling(pipe, rng, repeat: int, quick: bool = False) -> dict:
     """Decode step latency against context length (batch 1), and throughput against batch
     size. Each uses its own KV cache sized to what it needs, through the runtime's loop verbs."""
-    from emu_edge.runtime.decoder import DecoderSession
-
     m = pipe.manifest.model
-    decoder = pipe.backends["decoder"]
     steps = 4 if quick else 16
     contexts = [n for n in CONTEXT_LENGTHS if n + steps <= pipe.max_length][: 2 if quick else None]
 
     def step_ms(session, ids) -> float:
-        session.prefill(pipe.embed(ids))
+        session.prefill(ids.tolist())
         tokens = ids[:, -1]
         start = time.perf_counter()
         for _ in range(steps):
-            pipe.decode_one(session, tokens)
+            session.step(tokens)
         return (time.perf_counter() - start) * 1e3 / steps
 
     def median_step_ms(session, ids) -> float:
@@ -227,13 +224,13 @@ def measure_scaling(pipe, rng, repeat: int, quick: bool = False) -> dict:
 
     by_context = {}
     if contexts:
-        session = DecoderSession(decoder, m, 1, max(contexts) + steps)
+        session = pipe.session(1, max(contexts) + steps)
         for n in contexts:
             by_context[str(n)] = median_step_ms(session, _random_ids(rng, m.vocab_size, n))
     by_batch = {}
     if 16 + steps <= pipe.max_length:
         for b in BATCH_SIZES[: 2 if quick else None]:
-            session = DecoderSession(decoder, m, b, 16 + steps)
+            session = pipe.session(b, 16 + steps)
             ms = median_step_ms(session, _random_ids(rng, m.vocab_size, 16, b))
             by_batch[str(b)] = {"step_ms": ms, "tokens_per_s": b * 1e3 / ms}
     return {"decode_step_ms_by_context": by_context, "decode_by_batch": by_batch}

@@ -2,26 +2,31 @@
 
     cache = KVCache(backend, kv_spec, batch, max_length)   # 2 x layers buffers
             [batch, kv_heads, max_length, head_dim], allocated before the first step
-    session = DecoderSession(backend, model_spec, batch, max_length)
-    session.prefill(embeds [B, S, H], lengths)  -> logits [B, V] at each row's last token
-    session.step(embeds [B, 1, H])              -> the next position of every row
-    session.step_ids(ids [B, 1], embed_backend, embed)
-                                                -> the same from token ids (on the CPU
-                                                   embed.onnx writes the bound step input)
-    session.step_regressed(image_id, embed_backend, embed)
-                                                -> the same from each row's last regressed
-                                                   embedding (the image regression loop)
-    session.extend(embeds [B, S, H])            -> S more tokens per row (a new chat turn)
+    session = DecoderSession(decoder, embed, manifest, batch, max_length)
+    session.prefill(rows, visual)         -> logits [B, V] at each row's last token
+                                             (token rows, right-padded and embedded here)
+    session.step(tokens [B])              -> the next position of every row
+    session.step_regressed()              -> the same from each row's last regressed
+                                             embedding (Emu2's image regression loop)
+    session.extend(rows, visual)          -> more tokens per row (a new chat turn)
+    session.embed(ids [B, S], visual)     -> inputs_embeds [B, S, H]: the embedding step
+    session.prefill_embeds / extend_embeds / step_embeds: the same from embeddings
+
+The session owns its embedding step (embed.onnx), so a loop reads `session.step(tokens)`
+with no backend handed in. Tensors are bound by the names the manifest maps each role to
+(`GraphSpec.names`), never by names written here.
 
 The same device buffers are bound as the graph's past inputs and present outputs, so a
 step neither reallocates nor copies the cache: the graph writes only the new rows. On the
-CPU the lengths, the step's embeddings and the outputs are host arrays bound once too, so
-a decode step makes no new binding at all (a step is ~1 ms; per-call binding and
-conversion work was a measurable part of it). Each row keeps its own length (`lengths`):
-a batch of prompts of different lengths is right-padded for the prefill and every row
-then grows from where it ended, at the positions it would have alone. seqlens_k /
-total_sequence_length are derived from those lengths (see emu_edge.export.decoder for
-the graph side of the contract).
+CPU the lengths, the step's embeddings and the outputs are host arrays bound once too, and
+embed.onnx writes straight into the bound step input, so a decode step makes no new
+binding at all (a step is ~1 ms; per-call binding and conversion work was a measurable
+part of it). Each row keeps its own length (`lengths`): a batch of prompts of different
+lengths is right-padded for the prefill and every row then grows from where it ended, at
+the positions it would have alone. seqlens_k / total_sequence_length are derived from
+those lengths (see emu_edge.export.decoder for the graph side of the contract).
+
+A session is not shared between threads: Pipeline gives each call its own (a pool).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emu_edge.runtime.manifest import KVSpec, ModelSpec
+from emu_edge.runtime.manifest import KVSpec, Manifest
 
 
 class DecoderError(RuntimeError):
@@ -101,43 +106,78 @@ class KVCache:
         self.lengths[:] = 0
 
 
-class DecoderSession:
-    """Runs decoder.onnx over one KVCache through an IOBinding set up once."""
+def embed_ids(backend, spec, ids: np.ndarray, visual: np.ndarray | None, placeholder: int | None) -> np.ndarray:
+    """embed.onnx: ids [B, S] (+ visual [N, visual_dim] for the N placeholder positions)
+    -> inputs_embeds [B, S, H]."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    check_placeholders(ids, 0 if visual is None else len(visual), placeholder)
+    feeds = {spec.name("input_ids"): ids}
+    if spec.has("image_embeds"):
+        name = spec.name("image_embeds")
+        if visual is None:
+            # No placeholder tokens: an empty [0, visual_dim] block (onnxruntime takes 0-sized dims).
+            visual = np.zeros([0, backend.input_shapes[name][1]], np.float32)
+        feeds[name] = np.ascontiguousarray(visual, dtype=np.float32)
+    elif visual is not None:
+        raise ValueError("this bundle's embed graph takes no visual embeddings (a text-only bundle)")
+    out = spec.name("inputs_embeds")
+    return backend.run(feeds, [out])[out]
 
-    def __init__(self, backend, model: ModelSpec, batch: int, max_length: int):
-        self.backend = backend
-        self.model = model
-        self.cache = KVCache(backend, model.kv, batch, max_length)
+
+def check_placeholders(ids: np.ndarray, given: int, placeholder: int | None) -> None:
+    """Every placeholder id in `ids` needs one of the `given` visual embeddings."""
+    found = int((ids == placeholder).sum()) if placeholder is not None else 0
+    if found != given:
+        raise ValueError(f"{found} image placeholder token(s) (id {placeholder}) but {given} image "
+                         f"embedding(s); pass images as items (generate_text, generate_image), not their "
+                         f"placeholder ids")
+
+
+class DecoderSession:
+    """Runs decoder.onnx (and embed.onnx for its inputs) over one KVCache through an
+    IOBinding set up once."""
+
+    def __init__(self, decoder, embed, manifest: Manifest, batch: int, max_length: int):
+        self.backend, self.embed_backend = decoder, embed
+        self.spec, self.embed_spec = manifest.role("decoder"), manifest.role("embed")
+        self.model = model = manifest.model
+        layout = model.prompt
+        self.placeholder = layout.token_id(layout.placeholder) if layout is not None and layout.placeholder else None
+        self.cache = KVCache(decoder, model.kv, batch, max_length)
         self.batch, self.max_length = batch, max_length
-        self.binding = backend.bind()
+        name = self.spec.name
+        self._names = {key: name(key) for key in ("inputs_embeds", "seqlens_k", "total_sequence_length", "logits")}
+        self.binding = decoder.bind()
         for i, (key, value) in enumerate(self.cache.buffers):
             # Same buffer in and out: the graph writes the new rows into it in place.
-            self.binding.bind_ortvalue_input(f"past_key_values.{i}.key", key)
-            self.binding.bind_ortvalue_output(f"present.{i}.key", key)
-            self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", value)
-            self.binding.bind_ortvalue_output(f"present.{i}.value", value)
+            self.binding.bind_ortvalue_input(name("past_key", i), key)
+            self.binding.bind_ortvalue_output(name("present_key", i), key)
+            self.binding.bind_ortvalue_input(name("past_value", i), value)
+            self.binding.bind_ortvalue_output(name("present_value", i), value)
         # On the CPU every small input and output is a host array bound once: a call writes
         # the lengths and the step's embeddings into them and reads the outputs from them,
         # with no OrtValue made, bound or converted per token. Elsewhere (CUDA, TensorRT)
         # inputs are bound per call and outputs copied back from the device.
-        self._host = backend.device == "cpu"
+        self._host = decoder.device == "cpu"
         self._seqlens_k = np.zeros(batch, np.int32)
         self._total = np.zeros((), np.int32)
         self._step_embeds = np.zeros((batch, 1, model.hidden_size), np.float32)
         self._step_bound = False   # whether inputs_embeds is bound to _step_embeds
         self.logits, self._logits_host = self._output("logits", [batch, model.vocab_size])
         self.regressed, self._regressed_host = None, None
-        if "regressed" in backend.output_names:
-            visual_dim = backend.output_shapes["regressed"][1]
+        if self.spec.has("regressed"):
+            visual_dim = decoder.output_shapes[name("regressed")][1]
             self.regressed, self._regressed_host = self._output("regressed", [batch, visual_dim])
         if self._host:
-            for name, array in (("seqlens_k", self._seqlens_k), ("total_sequence_length", self._total)):
-                self.binding.bind_ortvalue_input(name, self._wrap(array))
+            for key, array in (("seqlens_k", self._seqlens_k), ("total_sequence_length", self._total)):
+                self.binding.bind_ortvalue_input(self._names[key], self._wrap(array))
             self._step_value = self._wrap(self._step_embeds)
         self._step_ids = np.zeros((batch, 1), np.int64)
         self._image_ids = np.zeros((batch, 1), np.int64)
-        self._embed_bindings: dict = {}   # kind -> (embed backend, its IOBinding into _step_embeds)
+        self._embed_bindings: dict = {}   # kind -> IOBinding of embed.onnx into _step_embeds
         self._longest = 0            # the longest row's length (cache.lengths.max())
+        # Whether embed.onnx can run bound into the step input: both graphs on the CPU.
+        self._bound_embed = self._host and embed.device == "cpu"
 
     def _wrap(self, array: np.ndarray):
         """An OrtValue over `array`'s memory (CPU): writes to the array are what the graph reads."""
@@ -145,14 +185,14 @@ class DecoderSession:
 
         return import_onnxruntime().OrtValue.ortvalue_from_numpy(array)
 
-    def _output(self, name: str, shape: list) -> tuple:
+    def _output(self, key: str, shape: list) -> tuple:
         """(the bound buffer, its host array on the CPU or None)."""
         if self._host:
             host = np.zeros(shape, np.float32)
             buffer = self._wrap(host)
         else:
             host, buffer = None, self.backend.allocate(shape, np.float32)
-        self.binding.bind_ortvalue_output(name, buffer)
+        self.binding.bind_ortvalue_output(self.spec.name(key), buffer)
         return buffer, host
 
     @property
@@ -163,7 +203,84 @@ class DecoderSession:
         self.cache.reset()
         self._longest = 0
 
-    def prefill(self, inputs_embeds: np.ndarray, lengths=None) -> DecoderOutput:
+    # -- token ids in --------------------------------------------------------------------
+
+    def embed(self, ids: np.ndarray, visual: np.ndarray | None = None) -> np.ndarray:
+        """The embedding step: ids [B, S] (+ visual [N, visual_dim] for the N placeholder
+        positions, rows in order) -> inputs_embeds [B, S, H]."""
+        return embed_ids(self.embed_backend, self.embed_spec, ids, visual, self.placeholder)
+
+    def prefill(self, rows: list[list[int]], visual: np.ndarray | None = None) -> DecoderOutput:
+        """Start over with one prompt per row (right-padded; each row keeps its length).
+        visual: the embeddings of every placeholder position, rows in order ([M, visual_dim])."""
+        if len(rows) != self.batch:
+            raise DecoderError(f"this session holds {self.batch} row(s); got {len(rows)} prompt(s)")
+        lengths = [len(r) for r in rows]
+        ids = np.full((len(rows), max(lengths)), self.model.pad_token_id or 0, dtype=np.int64)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = row
+        return self.prefill_embeds(self.embed(ids, visual), lengths)
+
+    def extend(self, rows, visual: np.ndarray | None = None) -> DecoderOutput:
+        """Append the same number of tokens to every row of a filled cache (the next turn
+        of a conversation); rows: [B, S] ids."""
+        return self.extend_embeds(self.embed(np.asarray(rows, dtype=np.int64), visual))
+
+    def step(self, tokens, check: bool = True) -> DecoderOutput:
+        """One token id per row (tokens [B] or [B, 1]). On the CPU embed.onnx writes straight
+        into the bound step input, so a token costs two bound graph runs and a copy of the
+        logits. check=False skips the placeholder check (the text loop never samples one)."""
+        token_ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if token_ids.shape != (self.batch, 1):
+            raise DecoderError(f"step() takes one token id per row ({self.batch}), got {list(np.shape(tokens))}")
+        if check:
+            check_placeholders(token_ids, 0, self.placeholder)
+        if not (self._bound_embed and self._longest > 0):
+            return self.step_embeds(self.embed(token_ids))
+        self._step_ids[:] = token_ids
+        self.embed_backend.run_bound(self._embed_binding_for("text"))
+        return self._forward(self._step_embeds, 1)
+
+    def step_regressed(self) -> DecoderOutput:
+        """One more position per row whose input is a placeholder token carrying that row's
+        last regressed embedding: Emu2's regression loop. On the CPU embed.onnx reads the
+        bound `regressed` output and writes the bound step input, so nothing is copied
+        between the two graphs."""
+        if self.regressed is None:
+            raise DecoderError("this decoder has no regression head (no 'regressed' output)")
+        if self._longest == 0:
+            raise DecoderError("step_regressed() continues a filled cache: prefill first")
+        if not self._bound_embed or not self.embed_spec.has("image_embeds"):
+            # embed() has read `last` before the next decoder run overwrites it: no copy needed.
+            last = self._regressed_host if self._host else self.regressed.numpy()
+            return self.step_embeds(self.embed(np.full((self.batch, 1), self.placeholder, np.int64), last))
+        self._image_ids[:] = self.placeholder
+        self.embed_backend.run_bound(self._embed_binding_for("image"))
+        return self._forward(self._step_embeds, 1)
+
+    def _embed_binding_for(self, kind: str):
+        """embed.onnx's IOBinding into the step input, made once per kind: "text" reads
+        _step_ids and no visual embeddings, "image" reads _image_ids and the decoder's bound
+        regressed output."""
+        binding = self._embed_bindings.get(kind)
+        if binding is None:
+            spec, backend = self.embed_spec, self.embed_backend
+            binding = backend.bind()
+            ids = self._step_ids if kind == "text" else self._image_ids
+            binding.bind_ortvalue_input(spec.name("input_ids"), self._wrap(ids))
+            if kind == "image":
+                binding.bind_ortvalue_input(spec.name("image_embeds"), self.regressed)
+            elif spec.has("image_embeds"):
+                # Text tokens: no visual embeddings to splice in (0 rows, as embed() feeds).
+                none = np.zeros([0, backend.input_shapes[spec.name("image_embeds")][1]], np.float32)
+                binding.bind_ortvalue_input(spec.name("image_embeds"), self._wrap(none))
+            binding.bind_ortvalue_output(spec.name("inputs_embeds"), self._step_value)
+            self._embed_bindings[kind] = binding
+        return binding
+
+    # -- embeddings in -------------------------------------------------------------------
+
+    def prefill_embeds(self, inputs_embeds: np.ndarray, lengths=None) -> DecoderOutput:
         """Start over with a (right-padded) batch of prompts; lengths[b] real tokens in row b."""
         embeds = self._check_embeds(inputs_embeds)
         counts = np.full(self.batch, embeds.shape[1], np.int64) if lengths is None else np.asarray(lengths, np.int64)
@@ -174,11 +291,11 @@ class DecoderSession:
         # Padding past the longest row would make the graph take this for a continuation.
         return self._forward(embeds[:, : int(counts.max())], counts)
 
-    def extend(self, inputs_embeds: np.ndarray) -> DecoderOutput:
-        """Append S tokens to every row (the next turn of a conversation, or one step)."""
+    def extend_embeds(self, inputs_embeds: np.ndarray) -> DecoderOutput:
+        """Append S positions to every row (the next turn of a conversation, or one step)."""
         embeds = self._check_embeds(inputs_embeds)
         if self._longest == 0:
-            return self.prefill(embeds)
+            return self.prefill_embeds(embeds)
         steps = embeds.shape[1]
         self._check_room(self.cache.lengths + steps)
         if steps > 1 and self.batch > 1:
@@ -190,68 +307,11 @@ class DecoderSession:
             return out
         return self._forward(embeds, steps)
 
-    def step(self, inputs_embeds: np.ndarray) -> DecoderOutput:
+    def step_embeds(self, inputs_embeds: np.ndarray) -> DecoderOutput:
         embeds = self._check_embeds(inputs_embeds)
         if embeds.shape[1] != 1:
-            raise DecoderError(f"step() takes one position per row, got {embeds.shape[1]}; use extend()")
-        return self.extend(embeds)
-
-    def step_ids(self, token_ids: np.ndarray, embed_backend, embed) -> DecoderOutput:
-        """step() for one token id per row ([B, 1] int64). On the CPU, embed.onnx (run by
-        `embed_backend`) writes straight into the bound step input, so a token costs two
-        bound graph runs and a copy of the logits; elsewhere the ids go through `embed`
-        (ids -> inputs_embeds) and step()."""
-        if token_ids.shape != (self.batch, 1):
-            raise DecoderError(f"step_ids() takes token ids of shape [{self.batch}, 1], got {list(token_ids.shape)}")
-        if not self._bound_embed_ok(embed_backend):
-            return self.step(embed(token_ids))
-        binding = self._embed_binding_for("text", embed_backend)
-        self._step_ids[:] = token_ids
-        embed_backend.run_bound(binding)
-        return self._forward(self._step_embeds, 1)
-
-    def step_regressed(self, image_id: int, embed_backend, embed) -> DecoderOutput:
-        """One more position per row whose input is an <image> token carrying that row's
-        last regressed embedding: Emu2's regression loop. On the CPU embed.onnx reads the
-        bound `regressed` output and writes the bound step input, so nothing is copied
-        between the two graphs; elsewhere it goes through `embed` (ids, image_embeds)."""
-        if self.regressed is None:
-            raise DecoderError("this decoder has no regression head (no 'regressed' output)")
-        if self._longest == 0:
-            raise DecoderError("step_regressed() continues a filled cache: prefill first")
-        if not self._bound_embed_ok(embed_backend) or "image_embeds" not in embed_backend.input_names:
-            # embed() has read `last` before the next decoder run overwrites it: no copy needed.
-            last = self._regressed_host if self._host else self.regressed.numpy()
-            return self.step(embed(np.full((self.batch, 1), image_id, np.int64), last))
-        binding = self._embed_binding_for("image", embed_backend)
-        self._image_ids[:] = image_id
-        embed_backend.run_bound(binding)
-        return self._forward(self._step_embeds, 1)
-
-    def _bound_embed_ok(self, embed_backend) -> bool:
-        """Whether embed.onnx can run bound into the step input: both on the CPU, and a
-        cache to continue."""
-        return self._host and embed_backend.device == "cpu" and self._longest > 0
-
-    def _embed_binding_for(self, kind: str, embed_backend):
-        """The embed graph's IOBinding into the step input, made once per kind and backend:
-        "text" reads _step_ids and no visual embeddings, "image" reads _image_ids and the
-        decoder's bound regressed output."""
-        cached = self._embed_bindings.get(kind)
-        if cached is None or cached[0] is not embed_backend:
-            binding = embed_backend.bind()
-            if kind == "text":
-                binding.bind_ortvalue_input("input_ids", self._wrap(self._step_ids))
-                if "image_embeds" in embed_backend.input_names:
-                    # Text tokens: no visual embeddings to splice in (0 rows, as Pipeline.embed feeds).
-                    none = np.zeros([0, embed_backend.input_shapes["image_embeds"][1]], np.float32)
-                    binding.bind_ortvalue_input("image_embeds", self._wrap(none))
-            else:
-                binding.bind_ortvalue_input("input_ids", self._wrap(self._image_ids))
-                binding.bind_ortvalue_input("image_embeds", self.regressed)
-            binding.bind_ortvalue_output("inputs_embeds", self._step_value)
-            cached = self._embed_bindings[kind] = (embed_backend, binding)
-        return cached[1]
+            raise DecoderError(f"step_embeds() takes one position per row, got {embeds.shape[1]}; use extend_embeds()")
+        return self.extend_embeds(embeds)
 
     def _check_embeds(self, inputs_embeds: np.ndarray) -> np.ndarray:
         embeds = np.ascontiguousarray(inputs_embeds, dtype=np.float32)
@@ -282,14 +342,14 @@ class DecoderSession:
             if embeds is not self._step_embeds:
                 self._step_embeds[:] = embeds
             if not self._step_bound:
-                self.binding.bind_ortvalue_input("inputs_embeds", self._step_value)
+                self.binding.bind_ortvalue_input(self._names["inputs_embeds"], self._step_value)
                 self._step_bound = True
         else:
-            self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+            self.binding.bind_cpu_input(self._names["inputs_embeds"], np.ascontiguousarray(embeds))
             self._step_bound = False
             if not self._host:
-                self.binding.bind_cpu_input("seqlens_k", self._seqlens_k)
-                self.binding.bind_cpu_input("total_sequence_length", self._total)
+                self.binding.bind_cpu_input(self._names["seqlens_k"], self._seqlens_k)
+                self.binding.bind_cpu_input(self._names["total_sequence_length"], self._total)
         self.backend.run_bound(self.binding)
         lengths[:] = totals
         self._longest = longest

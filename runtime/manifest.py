@@ -282,6 +282,20 @@ class Manifest(_Spec):
 
     _nested = {"graphs": _dict_of(GraphSpec), "model": ModelSpec.from_dict}
 
+    def role(self, role: str) -> GraphSpec:
+        """The graph that plays `role` (embed, decoder, ...)."""
+        return self.graphs[self.graph_name(role)]
+
+    def graph_name(self, role: str) -> str:
+        for name, graph in self.graphs.items():
+            if graph.role == role:
+                return name
+        raise ManifestError(f"the bundle has no {role} graph (its graphs: "
+                            f"{', '.join(f'{n} ({g.role})' for n, g in self.graphs.items())})")
+
+    def has_role(self, role: str) -> bool:
+        return any(g.role == role for g in self.graphs.values())
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 

@@ -144,6 +144,7 @@ class PromptBuilder:
         for key in ("begin", "end", "user", "assistant", "image", "frame", "generate_image"):
             self._parts[key] = self._expand(getattr(layout, key))
         self.placeholder_id = layout.token_id(layout.placeholder) if layout.placeholder else None
+        self.begin_ids = self._parts["begin"]
 
     def _expand(self, parts: list) -> list[int]:
         ids: list[int] = []

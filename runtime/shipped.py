@@ -39,10 +39,8 @@ def _fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def default_bundle(log=print) -> Path:
-    """The default bundle, exported from the shipped checkpoint on first use."""
-    if os.environ.get("EMU_EDGE_BUNDLE"):
-        return Path(os.environ["EMU_EDGE_BUNDLE"])
+def cached_bundle_path() -> Path:
+    """Where the shipped checkpoint's bundle is (or will be) cached."""
     ck = shipped_checkpoint()
     if not (ck / "emu.json").is_file():
         raise FileNotFoundError(
@@ -50,7 +48,15 @@ def default_bundle(log=print) -> Path:
             "Pass --bundle DIR, or set EMU_EDGE_BUNDLE.")
     # Keyed by the manifest schema too: a runtime that reads a newer schema exports afresh
     # instead of finding (and refusing) the bundle an older one cached.
-    bundle = cache_root() / "bundles" / f"{SHIPPED_NAME}-v{SCHEMA_VERSION}-{_fingerprint(ck)}"
+    return cache_root() / "bundles" / f"{SHIPPED_NAME}-v{SCHEMA_VERSION}-{_fingerprint(ck)}"
+
+
+def default_bundle(log=print) -> Path:
+    """The default bundle, exported from the shipped checkpoint on first use."""
+    if os.environ.get("EMU_EDGE_BUNDLE"):
+        return Path(os.environ["EMU_EDGE_BUNDLE"])
+    ck = shipped_checkpoint()
+    bundle = cached_bundle_path()
     if (bundle / "manifest.json").is_file():
         return bundle
     log(f"exporting the shipped model {ck} to {bundle} (once; later runs reuse it)")

@@ -61,10 +61,10 @@ def test_recorded_decode_steps_replay_to_the_runtime_logits(calib, tiny_bundle, 
     request = read_requests(calib_data, 16)[0]          # captioning: [image] -> text
     encoded = pipe.encode_items(request.items, "text")
     session = pipe.session(1)
-    out = pipe.prefill(session, [encoded.ids], pipe.encode_visuals(encoded.visuals))
+    out = session.prefill([encoded.ids], pipe.encode_visuals(encoded.visuals))
     logits = [out.logits]
     for _ in range(5):
-        out = pipe.decode_one(session, out.logits.argmax(-1))
+        out = session.step(out.logits.argmax(-1))
         logits.append(out.logits)
     recorded = [(m, f) for m, f in zip(c.meta("decoder"), c.samples("decoder")) if m["request"] == 0]
     assert [m["phase"] for m, _ in recorded] == ["prefill"] + ["decode"] * 5

@@ -96,10 +96,10 @@ def test_decoder_teacher_forcing_parity_on_a_multimodal_prompt(request, tiny_mod
     np.testing.assert_allclose(pipe.embed(np.array([enc.ids]), visual), embeds.numpy(), atol=1e-5)
     session = pipe.session(1)
     all_embeds = pipe.embed(np.array([enc.ids]), visual)
-    out = session.prefill(all_embeds[:, :5])
+    out = session.prefill_embeds(all_embeds[:, :5])
     got_logits, got_reg = [out.logits[0]], [out.regressed[0]]
     for i in range(5, len(enc.ids)):
-        out = session.step(all_embeds[:, i:i + 1])
+        out = session.step_embeds(all_embeds[:, i:i + 1])
         got_logits.append(out.logits[0])
         got_reg.append(out.regressed[0])
     assert _rel_err(np.stack(got_logits), logits[0, 4:].numpy()) <= 1e-4

@@ -105,14 +105,14 @@ def test_int4_decoder_keeps_the_kv_contract(int4, tiny_bundle):
     # 20-step tiny model's logits are so flat (|logit| < 2) that this alone costs ~2% cosine.
     tokens = fp32.generate_ids(rows[0], 8, ignore_eos=True)
     sessions = [p.session(1) for p in (fp32, pipe)]
-    outs = [p.prefill(s, [rows[0]]) for p, s in zip((fp32, pipe), sessions)]
+    outs = [s.prefill([rows[0]]) for s in sessions]
     prefix = list(rows[0])
     for token in tokens:
         a, b = outs[0].logits.ravel(), outs[1].logits.ravel()
         assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.95
-        uncached = pipe.prefill(pipe.session(1), [prefix]).logits.ravel()
+        uncached = pipe.session(1).prefill([prefix]).logits.ravel()
         np.testing.assert_allclose(b, uncached, rtol=0, atol=2e-3 * np.abs(uncached).max())
-        outs = [p.decode_one(s, np.array([token])) for p, s in zip((fp32, pipe), sessions)]
+        outs = [s.step([token]) for s in sessions]
         prefix.append(token)
 
 
@@ -156,7 +156,7 @@ def test_text_only_bundle_quantizes_without_calibration(llm_folders, tmp_path):
         assert Bundle.open(out).manifest.graphs["decoder"].precision == precision
         pipe = Pipeline.load(out, threads=1)
         got = pipe.generate_ids(prompt, 12, ignore_eos=True)
-        logits = [p.prefill(p.session(1), [prompt]).logits.ravel() for p in (fp32, pipe)]
+        logits = [p.session(1).prefill([prompt]).logits.ravel() for p in (fp32, pipe)]
         errors[precision] = np.linalg.norm(logits[1] - logits[0]) / np.linalg.norm(logits[0])
         if precision == "int8":
             assert _agreement([want], [got]) >= 0.95, (want, got)

@@ -123,10 +123,10 @@ def test_continuing_a_conversation_prefills_only_the_new_turn(attention, bundles
     rng = np.random.default_rng(3)
     first, second = rng.integers(3, 256, 9).tolist(), rng.integers(3, 256, 6).tolist()
     session = pipe.session(1)
-    pipe.prefill(session, [first])
-    continued = pipe.extend(session, [second]).logits
+    session.prefill([first])
+    continued = session.extend([second]).logits
     assert session.lengths.tolist() == [15]
-    whole = pipe.prefill(pipe.session(1), [first + second]).logits
+    whole = pipe.session(1).prefill([first + second]).logits
     np.testing.assert_allclose(continued, whole, rtol=0, atol=1e-4 * np.abs(whole).max())
 
 
@@ -137,11 +137,11 @@ def test_batched_continuation_matches_each_row_alone(attention, bundles):
     firsts = [rng.integers(3, 256, n).tolist() for n in (4, 10)]
     seconds = [rng.integers(3, 256, 3).tolist() for _ in range(2)]
     session = pipe.session(2)
-    pipe.prefill(session, firsts)
-    continued = pipe.extend(session, seconds).logits
+    session.prefill(firsts)
+    continued = session.extend(seconds).logits
     assert session.lengths.tolist() == [7, 13]
     for b in range(2):
-        alone = pipe.prefill(pipe.session(1), [firsts[b] + seconds[b]]).logits[0]
+        alone = pipe.session(1).prefill([firsts[b] + seconds[b]]).logits[0]
         np.testing.assert_allclose(continued[b], alone, rtol=0, atol=1e-4 * np.abs(alone).max())
 
 
@@ -187,7 +187,7 @@ def test_context_limits_are_named(bundles):
         pipe.generate_ids(list(range(3, 33)), 20)
     session = pipe.session(1)
     with pytest.raises(ContextTooLongError, match="max_length 40"):
-        session.prefill(np.zeros([1, 41, pipe.manifest.model.hidden_size], np.float32))
+        session.prefill_embeds(np.zeros([1, 41, pipe.manifest.model.hidden_size], np.float32))
 
 
 # -- bundle checks -----------------------------------------------------------------------

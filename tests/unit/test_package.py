@@ -12,9 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBPACKAGES = ["emu_edge", "emu_edge/data", "emu_edge/training", "emu_edge/export",
-               "emu_edge/calibration", "emu_edge/runtime"]
+               "emu_edge/calibration", "emu_edge/runtime", "emu_edge/runtime/families"]
 FOLDERS = {"emu_edge/data": "emu_edge/data", "emu_edge/training": "training", "emu_edge/export": "export",
-           "emu_edge/calibration": "calibration", "emu_edge/runtime": "runtime"}
+           "emu_edge/calibration": "calibration", "emu_edge/runtime": "runtime",
+           "emu_edge/runtime/families": "runtime/families"}
 
 # package folder -> modules it must never import (DESIGN.md, "Dependency direction")
 FORBIDDEN = {
@@ -81,3 +82,25 @@ def test_runtime_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import emu_edge.runtime, emu_edge.data, emu_edge.cli;"
             "import emu_edge.runtime.pipeline, emu_edge.export.bundle_writer")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# Training shares only the runtime's torch-free prompt, scheduler and judge modules (the
+# sequences it trains on are the ones the runtime builds; DESIGN.md, "Dependency direction").
+TRAINING_MAY_IMPORT_FROM_RUNTIME = {"emu_edge.runtime.prompt", "emu_edge.runtime.schedulers",
+                                    "emu_edge.runtime.judge"}
+
+
+def test_training_imports_only_the_shared_runtime_modules():
+    bad = [f"{p.relative_to(ROOT)} imports {n}" for p in sorted((ROOT / "training").rglob("*.py"))
+           for n in _imports(p) if n.startswith("emu_edge.runtime") and n not in TRAINING_MAY_IMPORT_FROM_RUNTIME]
+    assert not bad, "\n".join(bad)
+
+
+def test_public_api_is_one_import_away_and_import_stays_light():
+    code = ("import sys; import emu_edge; "
+            "assert not any(m.startswith(('numpy', 'onnxruntime', 'emu_edge.runtime')) for m in sys.modules); "
+            "from emu_edge import Pipeline; from emu_edge.runtime import Pipeline as P; assert Pipeline is P; "
+            "print(Pipeline.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "emu_edge.runtime.pipeline"

@@ -1,0 +1,23 @@
+"""One module per model family; the manifest's `model.family` picks it.
+
+A family turns its prompts (text, images, video) into token rows for the shared text core
+and adds its own verbs (emu2: encode visuals, regress, denoise). A new family is a new
+module here plus one entry below, touching no other family's code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# family -> (module, class); imported only when a bundle of that family is loaded.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "llm": ("emu_edge.runtime.families.llm", "LLM"),
+    "emu2": ("emu_edge.runtime.families.emu2", "Emu2"),
+}
+
+
+def family_class(name: str):
+    if name not in FAMILIES:
+        raise ValueError(f"this runtime has no family {name!r} (it runs {', '.join(FAMILIES)}); upgrade emu-edge")
+    module, cls = FAMILIES[name]
+    return getattr(importlib.import_module(module), cls)

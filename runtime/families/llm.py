@@ -1,0 +1,28 @@
+"""The text-only family: a decoder and its tokenizer (users' Llama / Qwen2 folders).
+
+Prompts are plain strings, encoded by the bundle's tokenizer with its own special tokens.
+"""
+
+from __future__ import annotations
+
+
+class LLM:
+    banned_ids: list[int] = []   # nothing a text step cannot feed back
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def _encode(self, prompt, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ValueError("this bundle is text-only (family llm, from export-hf --llm): prompts are strings")
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        return self.pipe.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+
+    def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames):
+        """(token rows, visual embeddings: none here)."""
+        return [self._encode(prompt) for prompt in batch], None
+
+    def chat_turn(self, items, video_frames, continuing: bool):
+        """A conversation turn's new ids (the tokenizer's start tokens on the first turn only)."""
+        return self._encode(items, add_special_tokens=not continuing), None
