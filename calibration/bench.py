@@ -53,11 +53,11 @@ def prompt_ids(pipe: Pipeline, length: int) -> list[int]:
 
 def decode_tokens_per_s(pipe: Pipeline, prompt: list[int], tokens: int) -> float:
     session = pipe.session(1)
-    out = pipe.prefill(session, [prompt])
+    out = session.prefill([prompt])
     token = out.logits.argmax(-1)
     start = time.perf_counter()
     for _ in range(tokens - 1):
-        token = pipe.decode_one(session, token).logits.argmax(-1)
+        token = session.step(token).logits.argmax(-1)
     return (tokens - 1) / (time.perf_counter() - start)
 
 
