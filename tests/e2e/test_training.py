@@ -61,7 +61,9 @@ def test_checkpoint_layout_and_from_pretrained(tiny_checkpoint):
     odd = [p for p in ck.rglob("*") if p.is_file() and p.suffix not in allowed]
     assert not odd, odd
     meta = json.loads((ck / "emu.json").read_text())
-    assert meta["n_query"] == 4 and meta["config"]["hidden_size"] == 64
+    assert meta["config"]["n_query"] == 4 and meta["config"]["hidden_size"] == 64
+    # Each value once: the model's sizes live in "config" only.
+    assert not {"n_query", "frame_n_query", "image_size", "visual_dim"} & meta.keys()
     assert set(meta["prompt"]["tokens"]) >= {"[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]"}
 
 
