@@ -28,7 +28,8 @@ _BASE = dict(image_size=64, patch_size=4, vision_hidden=128, vision_layers=2, vi
              vision_intermediate=256, n_query=64, frame_n_query=4)
 # A small decoder (for the U-Net presets and the smoke pass) with room for a few images
 # of 64 embeddings each, as calibration prompts have.
-_SMALL_LLM = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_length=1024)
+_SMALL_LLM = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=128, max_length=1024)
 _TINY_UNET = dict(unet_channels=(16, 32), unet_attn_levels=1, unet_head_dim=8, unet_norm_groups=8)
 _UNET_10M = dict(unet_channels=(64, 128, 128, 160), unet_attn_levels=2, unet_head_dim=8, unet_norm_groups=8)
 
@@ -56,8 +57,8 @@ INIT_VERSION = 1
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("decoder-30m", "Llama decoder, hidden 512, 8 layers, vocab 4096 (~30M parameters)",
-           dict(vocab_size=4096, hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1408,
-                max_length=2304, **_TINY_UNET)),
+           dict(vocab_size=4096, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
+                intermediate_size=1408, max_length=2304, **_TINY_UNET)),
     Preset("unet-10m-32", "diffusers U-Net, ~10M parameters, 32x32",
            dict(_SMALL_LLM, image_size=32, patch_size=2, **_UNET_10M)),
     Preset("unet-10m-64", "diffusers U-Net, ~10M parameters, 64x64",

@@ -70,7 +70,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
     try:
         meta = json.loads(meta_file.read_text())
         layout = PromptLayout.from_dict(meta["prompt"])
-        n_query, frame_n_query = meta["n_query"], meta["frame_n_query"]
+        config = meta["config"]
+        n_query, frame_n_query = config["n_query"], config["frame_n_query"]
     except (ValueError, KeyError, TypeError) as e:  # PromptLayoutError is a ValueError
         raise ExportError(f"{meta_file} is corrupt: {e}") from e
     proj = _projections(ck / "projections.safetensors")
@@ -78,7 +79,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
     with BundleWriter(out, overwrite=overwrite) as writer:
         print(f"exporting {ck} to {writer.out}")
         fields = export_llm(ck / "llm", writer, attention=attention,
-                            max_length=max_length or meta["config"]["max_length"],
+                            max_length=max_length or config["max_length"],
                             project_down=(proj["project_down.weight"], proj["project_down.bias"]),
                             project_up=(proj["project_up.weight"], proj["project_up.bias"]),
                             image_token_id=layout.token_id(layout.placeholder))
@@ -94,7 +95,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
                           image_std=meta["image_std"], unconditional_embedding=meta["unconditional_embedding"],
                           scheduler=meta["scheduler"]),
             generation=meta["generation_defaults"], architecture="emu-edge",
-            source={"checkpoint": ck.name, "preset": meta["config"].get("preset")},
+            source={"checkpoint": ck.name, "preset": config.get("preset")},
         )
         result = writer.finish(ModelSpec(**fields))
     print(f"exported in {time.perf_counter() - start:.1f} s")

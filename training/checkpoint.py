@@ -52,13 +52,11 @@ def emu_json(model, cfg: EmuConfig, generation: dict | None = None, training: di
     return {
         "format": "emu-edge-checkpoint",
         "version": 1,
+        # Every model size (n_query, frame_n_query, image_size, visual_dim = vision_hidden)
+        # is stored once, here.
         "config": cfg.to_dict(),
-        "n_query": cfg.n_query,
-        "frame_n_query": cfg.frame_n_query,
-        "image_size": cfg.image_size,
         "image_mean": list(IMAGE_MEAN),
         "image_std": list(IMAGE_STD),
-        "visual_dim": cfg.vision_hidden,
         # The prompt layout as data, special-token ids included: the exporter copies it
         # into the bundle's manifest and the runtime executes it.
         "prompt": emu2_layout(model.token_ids).to_dict(),

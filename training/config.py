@@ -8,6 +8,12 @@ import json
 from dataclasses import dataclass, field
 
 
+# Checkpoints (emu.json "config") and run folders (train_config.json) written before the
+# decoder fields took the manifest's names: from_dict reads them under their old names.
+RENAMED_FIELDS = {"hidden": "hidden_size", "layers": "num_layers", "heads": "num_heads",
+                  "kv_heads": "num_kv_heads", "intermediate": "intermediate_size"}
+
+
 @dataclass
 class EmuConfig:
     preset: str = "custom"
@@ -21,13 +27,13 @@ class EmuConfig:
     vision_intermediate: int = 256
     n_query: int = 64
     frame_n_query: int = 4
-    # Decoder (transformers LlamaForCausalLM).
+    # Decoder (transformers LlamaForCausalLM); named as in the manifest (runtime.manifest).
     vocab_size: int = 512
-    hidden: int = 192
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 512
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
     max_length: int = 512
     # Visual decoder (diffusers UNet2DConditionModel, pixel space).
     unet_channels: tuple[int, ...] = (32, 64, 64, 64)
@@ -69,8 +75,8 @@ class EmuConfig:
             side = round(n ** 0.5)
             if side * side != n or self.patch_grid % side:
                 raise ValueError(f"{name}={n} must be a square whose side divides the patch grid {self.patch_grid}")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError("hidden must divide by heads, and heads by kv_heads")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
         return self
@@ -80,6 +86,11 @@ class EmuConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EmuConfig":
+        renamed = [(old, new) for old, new in RENAMED_FIELDS.items() if old in d and new in d]
+        if renamed:
+            raise ValueError("config gives both the old and the new name of " + ", ".join(
+                f"{new} ({old})" for old, new in renamed))
+        d = {RENAMED_FIELDS.get(k, k): v for k, v in d.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("prediction_type", "epsilon")  # configs written before the field trained eps
@@ -99,7 +110,8 @@ PRESETS: dict[str, EmuConfig] = {
     "tiny": EmuConfig(
         preset="tiny", image_size=16, patch_size=4, vision_hidden=32, vision_layers=1,
         vision_heads=2, vision_intermediate=64, n_query=4, frame_n_query=1,
-        vocab_size=320, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_length=256,
+        vocab_size=320, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+        max_length=256,
         unet_channels=(16, 32), unet_attn_levels=1, unet_head_dim=8, unet_norm_groups=8, batch_size=8,
         steps={"0": 20, "1": 20, "2": 20, "3": 20, "4": 20, "5": 20}, warmup=5, save_every=10,
     ),

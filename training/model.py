@@ -34,8 +34,8 @@ def llm_config(cfg: EmuConfig, token_ids: dict[str, int]):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_length, tie_word_embeddings=False,
         bos_token_id=token_ids["<s>"], eos_token_id=token_ids["</s>"], pad_token_id=token_ids["<pad>"],
     )
@@ -95,8 +95,8 @@ class EmuModel(nn.Module):
         self.token_ids = dict(token_ids)
         self.encoder = VisionEncoder(cfg, vision)
         self.llm = llm if llm is not None else LlamaForCausalLM(llm_config(cfg, token_ids))
-        self.project_up = nn.Linear(cfg.vision_hidden, cfg.hidden)
-        self.project_down = nn.Linear(cfg.hidden, cfg.vision_hidden)
+        self.project_up = nn.Linear(cfg.vision_hidden, cfg.hidden_size)
+        self.project_down = nn.Linear(cfg.hidden_size, cfg.vision_hidden)
         self.unet = unet if unet is not None else UNet2DConditionModel(**unet_kwargs(cfg))
         self.scheduler = noise_scheduler(cfg)
         # Stage 0 only (never exported): per-embedding attribute logits, the stand-in for the

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from emu_edge.cli import main
 from emu_edge.training.checkpoint import CheckpointError, load_checkpoint
-from emu_edge.training.config import PRESETS, get_preset
+from emu_edge.training.config import PRESETS, RENAMED_FIELDS, EmuConfig, get_preset
 from emu_edge.training.train import train
 
 
@@ -24,6 +24,13 @@ def _tiny(steps: int, **overrides):
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def _before_the_rename(config: dict) -> dict:
+    """A config dict as emu.json and train_config.json held it before the decoder fields
+    took the manifest's names."""
+    old = {new: old for old, new in RENAMED_FIELDS.items()}
+    return {old.get(k, k): v for k, v in config.items()}
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -54,7 +61,9 @@ def test_checkpoint_layout_and_from_pretrained(tiny_checkpoint):
     odd = [p for p in ck.rglob("*") if p.is_file() and p.suffix not in allowed]
     assert not odd, odd
     meta = json.loads((ck / "emu.json").read_text())
-    assert meta["n_query"] == 4
+    assert meta["config"]["n_query"] == 4 and meta["config"]["hidden_size"] == 64
+    # Each value once: the model's sizes live in "config" only.
+    assert not {"n_query", "frame_n_query", "image_size", "visual_dim"} & meta.keys()
     assert set(meta["prompt"]["tokens"]) >= {"[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]"}
 
 
@@ -64,6 +73,41 @@ def test_training_lowers_the_loss(tiny_checkpoint):
         losses = [r["loss"] for r in rows if r["stage"] == stage]
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"stage {stage} did not learn"
     assert (tiny_checkpoint / "loss.png").stat().st_size > 0
+
+
+def test_config_with_the_old_names_loads_to_the_same_config():
+    old = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
+    assert {RENAMED_FIELDS[k] for k in old} == {"hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                                "intermediate_size"}
+    cfg = EmuConfig.from_dict(old)
+    decoder = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size)
+    assert decoder == (64, 2, 4, 2, 128)
+    for name in PRESETS:
+        cfg = get_preset(name)
+        written = _before_the_rename(json.loads(cfg.dumps()))
+        assert "hidden" in written and "hidden_size" not in written
+        assert EmuConfig.from_dict(written) == cfg
+    # Both names for one field is ambiguous.
+    with pytest.raises(ValueError, match="hidden_size"):
+        EmuConfig.from_dict({**cfg.to_dict(), "hidden": 32})
+
+
+def test_checkpoint_written_before_the_rename_loads(tiny_checkpoint, tmp_path):
+    # emu.json then had the decoder fields under their old names and repeated n_query,
+    # frame_n_query, image_size and visual_dim beside "config".
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old, ignore=shutil.ignore_patterns("steps"))
+    meta = json.loads((old / "emu.json").read_text())
+    config = meta["config"]
+    meta = {"format": meta["format"], "version": meta["version"], "config": _before_the_rename(config),
+            "n_query": config["n_query"], "frame_n_query": config["frame_n_query"],
+            "image_size": config["image_size"], "visual_dim": config["vision_hidden"],
+            **{k: v for k, v in meta.items() if k not in ("format", "version", "config")}}
+    (old / "emu.json").write_text(json.dumps(meta, indent=2))
+    _, _, cfg = load_checkpoint(old)
+    assert cfg == load_checkpoint(tiny_checkpoint)[2]
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
@@ -76,6 +120,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert json.loads((part / "steps" / "latest.json").read_text())["step"] == "2-000002"
     # A half-written step folder from a kill mid-save is ignored.
     (part / "steps" / ".2-000004.tmp").mkdir()
+    # A run started before the decoder fields were renamed resumes too.
+    config = part / "train_config.json"
+    config.write_text(json.dumps(_before_the_rename(json.loads(config.read_text())), indent=2))
     train(_tiny(4, save_every=2), part, stages, resume=True, judge=False, progress=False)
     a, b = _weights(full), _weights(part)
     assert a.keys() == b.keys()
@@ -191,6 +238,8 @@ def test_ship_from_an_unfinished_run_says_where_it_stopped(tmp_path):
 
     run = tmp_path / "run"
     train(_tiny(4, save_every=2), run, ["1", "2"], stop_after=6, judge=False, progress=False)
+    config = run / "train_config.json"  # as a run started before the decoder fields were renamed wrote it
+    config.write_text(json.dumps(_before_the_rename(json.loads(config.read_text())), indent=2))
     out = ship(run, tmp_path / "shipped")
     training = json.loads((out / "emu.json").read_text())["training"]
     assert training == {"last_step": "2-000002", "complete": False, "planned_steps": {"0": 4, "1": 4, "2": 4, "3": 4, "4": 4, "5": 4}}
@@ -247,8 +296,8 @@ def test_init_from_continues_a_shipped_model_with_later_stages(tmp_path):
     assert (more / "judge.onnx").read_bytes() == (shipped / "judge.onnx").read_bytes()
 
     # Another architecture is refused, naming what differs.
-    with pytest.raises(CheckpointError, match="hidden"):
-        train(_tiny(1, hidden=32), tmp_path / "bad", ["4"], progress=False, init_from=shipped)
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        train(_tiny(1, hidden_size=32), tmp_path / "bad", ["4"], progress=False, init_from=shipped)
 
 
 def test_seed_chooses_the_data_stream(tmp_path):
