@@ -13,13 +13,12 @@ option and one more call in `run`.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from emu_edge.export.bundle_writer import BundleWriter, BundleWriteError
-from emu_edge.export.decoder import DecoderExportError, build_decoder, decoder_dims, resolve_attention
+from emu_edge.export.bundle_writer import BundleWriter
+from emu_edge.export.decoder import build_decoder, decoder_dims, resolve_attention
 from emu_edge.export.embed import build_embed
 from emu_edge.runtime.manifest import KVSpec, ModelSpec
 
@@ -50,22 +49,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """Errors reach emu_edge.cli, which prints them as one line."""
     from emu_edge.export.unet import export_unet
     from emu_edge.export.vision import export_vision
 
-    try:
-        with BundleWriter(args.out, overwrite=args.overwrite) as writer:
-            print(f"exporting to {writer.out}")
-            fields = export_llm(args.llm, writer, attention=args.attention, max_length=args.max_length)
-            if args.vision is not None:
-                fields |= export_vision(args.vision, writer, args.n_query, args.frame_n_query)
-            if args.unet is not None:
-                fields |= export_unet(args.unet, writer, args.n_query)
-            writer.write_tokenizer(Path(args.llm) / "tokenizer.json")
-            out = writer.finish(ModelSpec(**fields))
-    except (ExportError, BundleWriteError, DecoderExportError, FileNotFoundError, ValueError) as e:
-        print(f"emu-edge export-hf: error: {e}", file=sys.stderr)
-        return 1
+    with BundleWriter(args.out, overwrite=args.overwrite) as writer:
+        print(f"exporting to {writer.out}")
+        fields = export_llm(args.llm, writer, attention=args.attention, max_length=args.max_length)
+        if args.vision is not None:
+            fields |= export_vision(args.vision, writer, args.n_query, args.frame_n_query)
+        if args.unet is not None:
+            fields |= export_unet(args.unet, writer, args.n_query)
+        writer.write_tokenizer(Path(args.llm) / "tokenizer.json")
+        out = writer.finish(ModelSpec(**fields))
     print(f"wrote {out}")
     return 0
 

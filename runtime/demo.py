@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from emu_edge import data
+from emu_edge.cli import thread_count
 from emu_edge.runtime.cli import load_pipeline
 
 PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow diamond", "a purple circle",
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, help="bundle folder (default: the shipped model)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=thread_count, help="CPU threads per graph (capped at the CPU count)")
     parser.add_argument("--seed", type=int, default=0)
 
 
