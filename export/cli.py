@@ -68,7 +68,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
         raise ExportError(f"{meta_file} is corrupt: {e}") from e
     proj = _projections(ck / "projections.safetensors")
     start = time.perf_counter()
-    with BundleWriter(out, overwrite=overwrite) as writer:
+    with BundleWriter(out, overwrite=overwrite, sources=[ck]) as writer:
         print(f"exporting {ck} to {writer.out}")
         fields = export_llm(ck / "llm", writer, attention=attention,
                             max_length=max_length or meta["config"]["max_length"],

@@ -53,7 +53,8 @@ def run(args) -> int:
     from emu_edge.export.unet import export_unet
     from emu_edge.export.vision import export_vision
 
-    with BundleWriter(args.out, overwrite=args.overwrite) as writer:
+    sources = [p for p in (args.llm, args.vision, args.unet) if p is not None]
+    with BundleWriter(args.out, overwrite=args.overwrite, sources=sources) as writer:
         print(f"exporting to {writer.out}")
         fields = export_llm(args.llm, writer, attention=args.attention, max_length=args.max_length)
         if args.vision is not None:

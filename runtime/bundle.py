@@ -33,6 +33,13 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def overlap(a: str | Path, b: str | Path) -> bool:
+    """Whether two folders are the same or one lies inside the other: writing one as a new
+    output would then replace, or bury itself in, the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
 def sealed_path(root: Path, key: str, name: str) -> Path:
     """The file a manifest key names, refused unless it is a plain file name inside the
     bundle folder (bundles are sealed): an edited manifest must not make the runtime hash,
