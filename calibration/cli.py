@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from emu_edge.cli import thread_count
 from emu_edge.runtime.manifest import PRECISIONS
 
 
@@ -55,19 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         parser.add_argument("--report", type=Path, help="write the accuracy report here (JSON) and beside it "
                                                         "as a table (.txt)")
         parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
+    parser.add_argument("--threads", type=thread_count, default=None,
+                        help="CPU threads per graph (capped at the CPU count)")
 
 
 def run(args) -> int:
-    from emu_edge.calibration.data import CalibrationDataError
-    from emu_edge.calibration.quantize import QuantizeError
-    from emu_edge.runtime.bundle import BundleError
-
-    try:
-        return _calibrate(args) if args.verb == "calibrate" else _quantize(args)
-    except (CalibrationDataError, QuantizeError, BundleError, ValueError, FileNotFoundError) as e:
-        print(f"emu-edge {args.verb}: error: {e}", file=sys.stderr)
-        return 1
+    """Errors reach emu_edge.cli, which prints them as one line."""
+    return _calibrate(args) if args.verb == "calibrate" else _quantize(args)
 
 
 def _calibrate(args) -> int:

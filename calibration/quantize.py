@@ -537,12 +537,10 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, settings: Quantize
             f"static INT8 of {', '.join(static)} needs --calibration CALIB (record one with emu-edge calibrate "
             f"{bundle.path} --data DIR --out CALIB, DIR from emu-edge data --split val --n 64 --out DIR), or keep "
             f"them in float with --graph {','.join(f'{n}=fp32' for n in static)}")
-    if Path(out).resolve() == Path(bundle.path).resolve():
-        raise QuantizeError("--out must be a new folder: bundles are immutable, quantizing writes a new one")
     results: dict[str, GraphResult] = {}
     model_spec = copy.deepcopy(bundle.manifest.model)
     with tempfile.TemporaryDirectory(prefix="emu-edge-quantize-") as workdir, \
-            BundleWriter(out, overwrite=overwrite, log=log) as writer:
+            BundleWriter(out, overwrite=overwrite, log=log, sources=[bundle.path]) as writer:
         log(f"quantizing {bundle.path} into {writer.out}")
         for name, spec in graphs.items():
             target = targets[name]

@@ -1,7 +1,10 @@
 """Writes a bundle folder: graphs, tokenizer.json and manifest.json.
 
 Everything goes into a hidden sibling folder first and is renamed into place by
-`finish()`, so a failed export leaves no half bundle behind. Each graph is checked
+`finish()`, so a failed export leaves no half bundle behind (and what a killed one left,
+`.NAME.partial-PID` and `.NAME.old-PID` of a dead process, goes on the next write to the
+same folder). `overwrite` replaces only a bundle (a folder holding manifest.json) or an
+empty folder, and never a folder the bundle is made from. Each graph is checked
 (onnx.checker with full shape inference) and described in the manifest from the saved
 file itself: hash, I/O, operator domains, IR/opset and the oldest onnxruntime that runs it.
 """
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from emu_edge.runtime.bundle import sha256_file, version_key
+from emu_edge.runtime.bundle import overlap, sha256_file, version_key
 from emu_edge.runtime.manifest import (MANIFEST_FILE, SCHEMA_VERSION, GraphSpec, IOSpec, Manifest,
                                        ModelSpec)
 
@@ -130,21 +133,55 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
+def _remove_stale(out: Path) -> None:
+    """Remove the temp folders (.NAME.partial-PID, .NAME.old-PID) that a killed writer of
+    `out` left; those of a live process are its work in progress and stay."""
+    for path in out.parent.iterdir():
+        head, _, pid = path.name.rpartition("-")
+        if head not in (f".{out.name}.partial", f".{out.name}.old") or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
+
+
 class BundleWriter:
     """with BundleWriter(out) as writer: writer.add_graph(...); writer.write_tokenizer(...);
-    writer.finish(model_spec). Leaving the block without finish() removes the temp folder."""
+    writer.finish(model_spec). Leaving the block without finish() removes the temp folder.
+    sources: the folders the bundle is made from; `out` must not overlap any of them."""
 
     def __init__(self, out: str | Path, overwrite: bool = False, external_data_threshold: int = TWO_GB,
-                 log=print):
+                 log=print, sources=()):
         self.out = Path(out).resolve()
+        for source in sources:
+            if overlap(self.out, source):
+                raise BundleWriteError(
+                    f"--out {self.out} overlaps the input {Path(source).resolve()} (the same folder, or one inside "
+                    "the other): writing it would replace or change what is being read. Choose a separate --out.")
         if self.out.exists() and not overwrite:
             raise BundleWriteError(f"{self.out} already exists; choose another --out or pass --overwrite")
         if self.out.exists() and not self.out.is_dir():
             raise BundleWriteError(f"{self.out} exists and is not a folder")
+        if self.out.exists() and not (self.out / MANIFEST_FILE).is_file() and any(self.out.iterdir()):
+            raise BundleWriteError(
+                f"{self.out} is not an emu-edge bundle (it has no {MANIFEST_FILE}), and --overwrite replaces only a "
+                "bundle; choose another --out, or move the folder away yourself")
         self.overwrite = overwrite
         self.external_data_threshold = external_data_threshold
         self.log = log
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(self.out)
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         if self.tmp.exists():
             shutil.rmtree(self.tmp)

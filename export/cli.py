@@ -9,15 +9,13 @@ special tokens, templates, scheduler and the judge.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from emu_edge.export.bundle_writer import BundleWriter, BundleWriteError
-from emu_edge.export.decoder import DecoderExportError
+from emu_edge.export.bundle_writer import BundleWriter
 from emu_edge.export.hf_cli import ExportError, export_llm
 from emu_edge.export.unet import export_unet
 from emu_edge.export.vision import export_vision
@@ -37,12 +35,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, attention=args.attention, max_length=args.max_length,
-                                overwrite=args.overwrite)
-    except (ExportError, BundleWriteError, DecoderExportError, FileNotFoundError, ValueError) as e:
-        print(f"emu-edge export: error: {e}", file=sys.stderr)
-        return 1
+    """Errors reach emu_edge.cli, which prints them as one line."""
+    out = export_checkpoint(args.checkpoint, args.out, attention=args.attention, max_length=args.max_length,
+                            overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -76,7 +71,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
         raise ExportError(f"{meta_file} is corrupt: {e}") from e
     proj = _projections(ck / "projections.safetensors")
     start = time.perf_counter()
-    with BundleWriter(out, overwrite=overwrite) as writer:
+    with BundleWriter(out, overwrite=overwrite, sources=[ck]) as writer:
         print(f"exporting {ck} to {writer.out}")
         fields = export_llm(ck / "llm", writer, attention=attention,
                             max_length=max_length or config["max_length"],

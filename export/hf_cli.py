@@ -13,13 +13,12 @@ option and one more call in `run`.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from emu_edge.export.bundle_writer import BundleWriter, BundleWriteError
-from emu_edge.export.decoder import DecoderExportError, build_decoder, decoder_dims, resolve_attention
+from emu_edge.export.bundle_writer import BundleWriter
+from emu_edge.export.decoder import build_decoder, decoder_dims, resolve_attention
 from emu_edge.export.embed import build_embed
 from emu_edge.runtime.manifest import Emu2Spec, KVSpec, ModelSpec
 from emu_edge.runtime.prompt import emu2_layout
@@ -51,26 +50,24 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """Errors reach emu_edge.cli, which prints them as one line."""
     from emu_edge.export.unet import export_unet
     from emu_edge.export.vision import export_vision
 
-    try:
-        with BundleWriter(args.out, overwrite=args.overwrite) as writer:
-            print(f"exporting to {writer.out}")
-            fields = export_llm(args.llm, writer, attention=args.attention, max_length=args.max_length)
-            fields["family"] = "llm"
-            if args.vision is not None or args.unet is not None:
-                if args.vision is None or args.unet is None:
-                    raise ExportError("an emu2 bundle needs both --vision and --unet (images in and out)")
-                visual = export_vision(args.vision, writer, args.n_query, args.frame_n_query)
-                visual |= export_unet(args.unet, writer, args.n_query)
-                fields.update(family="emu2", emu2=Emu2Spec(**visual, image_mean=[0.5] * 3, image_std=[0.5] * 3),
-                              prompt=emu2_layout(_special_tokens(Path(args.llm) / "tokenizer.json")))
-            writer.write_tokenizer(Path(args.llm) / "tokenizer.json")
-            out = writer.finish(ModelSpec(**fields))
-    except (ExportError, BundleWriteError, DecoderExportError, FileNotFoundError, ValueError) as e:  # PromptLayoutError is a ValueError
-        print(f"emu-edge export-hf: error: {e}", file=sys.stderr)
-        return 1
+    sources = [p for p in (args.llm, args.vision, args.unet) if p is not None]
+    with BundleWriter(args.out, overwrite=args.overwrite, sources=sources) as writer:
+        print(f"exporting to {writer.out}")
+        fields = export_llm(args.llm, writer, attention=args.attention, max_length=args.max_length)
+        fields["family"] = "llm"
+        if args.vision is not None or args.unet is not None:
+            if args.vision is None or args.unet is None:
+                raise ExportError("an emu2 bundle needs both --vision and --unet (images in and out)")
+            visual = export_vision(args.vision, writer, args.n_query, args.frame_n_query)
+            visual |= export_unet(args.unet, writer, args.n_query)
+            fields.update(family="emu2", emu2=Emu2Spec(**visual, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                          prompt=emu2_layout(_special_tokens(Path(args.llm) / "tokenizer.json")))
+        writer.write_tokenizer(Path(args.llm) / "tokenizer.json")
+        out = writer.finish(ModelSpec(**fields))
     print(f"wrote {out}")
     return 0
 

@@ -69,7 +69,17 @@ class OnnxBackend:
         self.device = device
         self.device_id = device_id
         self._ort = ort
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:
+            # onnxruntime's errors (InvalidProtobuf, Fail, InvalidGraph, ...) share no base
+            # class but Exception, so they are told apart by their module; the message of
+            # one about a damaged graph can quote bytes that are not UTF-8, and then arrives
+            # as a UnicodeDecodeError instead.
+            if not (type(e).__module__.startswith("onnxruntime") or isinstance(e, UnicodeDecodeError)):
+                raise
+            raise BackendError(f"onnxruntime cannot load {path}: {e}. The graph file is damaged or is not an "
+                               "ONNX graph; re-export the bundle.") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Declared shapes: ints for fixed dims, strings for symbolic ones.

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emu_edge.cli import thread_count
+
 PREFILL_LENGTHS = (16, 64, 256)
 CONTEXT_LENGTHS = (128, 256, 512, 1024, 2048)
 BATCH_SIZES = (1, 2, 4, 8)
@@ -33,7 +35,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--plot", type=Path, help="draw decode latency against context length and batch "
                                                   "size to this PNG (needs matplotlib: the [bench] extra)")
-    parser.add_argument("--threads", type=int, help="CPU threads per graph (default: onnxruntime's)")
+    parser.add_argument("--threads", type=thread_count,
+                        help="CPU threads per graph (default: onnxruntime's; capped at the CPU count)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeat", type=int, default=7, help="repetitions per figure; the median is shown")
     parser.add_argument("--tokens", type=int, default=128, help="tokens decoded for the per-token figures")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from emu_edge.runtime.manifest import MANIFEST_FILE, GraphSpec, Manifest, ManifestError
 
@@ -33,6 +33,33 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def overlap(a: str | Path, b: str | Path) -> bool:
+    """Whether two folders are the same or one lies inside the other: writing one as a new
+    output would then replace, or bury itself in, the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def sealed_path(root: Path, key: str, name: str) -> Path:
+    """The file a manifest key names, refused unless it is a plain file name inside the
+    bundle folder (bundles are sealed): an edited manifest must not make the runtime hash,
+    load or copy a file from elsewhere."""
+    plain = (name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+             and not PureWindowsPath(name).drive)
+    path = root / name
+    try:
+        if plain and path.is_symlink():
+            plain = path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError) as e:  # a name too long, a link loop
+        raise BundleError(f"{root / MANIFEST_FILE}: {key} is {name!r}, which cannot be opened: {e}") from e
+    if not plain:
+        raise BundleError(
+            f"{root / MANIFEST_FILE}: {key} is {name!r}, a path that leaves the bundle; every file a manifest "
+            "names must be a plain file name inside the bundle folder (no folders, '..', absolute paths or links "
+            "out of it). The manifest was edited by hand or by another tool: re-export the bundle.")
+    return path
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -52,6 +79,9 @@ class Bundle:
             manifest = Manifest.load(path / MANIFEST_FILE)
         except ManifestError as e:
             raise BundleError(str(e)) from e
+        # Every path is checked before any file is hashed or read.
+        for key, file in cls._files(manifest):
+            sealed_path(path, key, file)
         for name, graph in manifest.graphs.items():
             cls._check_files(path, name, graph, verify)
         if onnxruntime_version == "installed":
@@ -67,6 +97,15 @@ class Bundle:
                         f"onnxruntime {onnxruntime_version} is installed. Upgrade onnxruntime, or re-export "
                         "with --attention standard if the decoder is what needs the newer version.")
         return cls(path=path, manifest=manifest, tokenizer=cls._load_tokenizer(path / manifest.tokenizer))
+
+    @staticmethod
+    def _files(manifest: Manifest) -> list[tuple[str, str]]:
+        """(manifest key, file name) of every file the manifest names."""
+        files = [("tokenizer", manifest.tokenizer)]
+        for name, graph in manifest.graphs.items():
+            files.append((f"graphs.{name}.file", graph.file))
+            files += [(f"graphs.{name}.external_data[{i}].file", e["file"]) for i, e in enumerate(graph.external_data)]
+        return files
 
     @staticmethod
     def _check_files(root: Path, name: str, graph: GraphSpec, verify: bool) -> None:

@@ -8,13 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+from emu_edge.cli import thread_count
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, help="bundle folder (default: the shipped model, exported "
                                                     "once into $EMU_EDGE_CACHE, ~/.cache/emu-edge)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    parser.add_argument("--threads", type=int, help="CPU threads per graph (default: onnxruntime's)")
+    parser.add_argument("--threads", type=thread_count,
+                        help="CPU threads per graph (default: onnxruntime's; more than the machine's CPUs are "
+                             "capped at its CPU count, with a warning)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -46,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         _sampling(parser)
     elif verb == "generate":
         parser.add_argument("prompt", help='what to draw, e.g. "a red circle"')
-        parser.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
+        parser.add_argument("-o", "--output", required=True, type=Path,
+                            help="image file to write (.png, .jpg, ...); its folder must exist, unless --mkdir")
+        parser.add_argument("--mkdir", action="store_true", help="create the folder of --output if it is missing")
         parser.add_argument("--image", action="append", default=[],
                             help="a subject image the prompt edits (subject-driven), e.g. --image cat.png "
                                  '"make it blue"; repeatable')
@@ -72,29 +78,30 @@ def _emit(args, text: str, **fields) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emu_edge.runtime.images import load_image
+    """Errors reach emu_edge.cli, which prints them as one line."""
+    from emu_edge.runtime.images import check_output_path, load_image
 
-    try:
-        pipe = load_pipeline(args)
-        if args.verb in ("caption", "ask"):
-            image = load_image(args.image)
-            items = [image] if args.verb == "caption" else [image, args.question]
-            t0 = time.perf_counter()
-            text = pipe.generate_text(items, **_sampling_kwargs(args))
-            _emit(args, text, image=str(args.image), seconds=round(time.perf_counter() - t0, 4))
-        elif args.verb == "generate":
-            items = [load_image(p) for p in args.image] + [args.prompt]
-            t0 = time.perf_counter()
-            image = pipe.generate_image(items, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                                        seed=args.seed, progress=None if args.json else _progress)
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            image.save(args.output)
-            _emit(args, str(args.output), seconds=round(time.perf_counter() - t0, 4))
-        elif args.verb == "chat":
-            return _chat(pipe, args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"emu-edge {args.verb}: error: {e}", file=sys.stderr)
-        return 1
+    # The user's files are checked before the bundle is loaded or anything generated.
+    if args.verb in ("caption", "ask"):
+        image = load_image(args.image)
+    elif args.verb == "generate":
+        check_output_path(args.output, mkdir=args.mkdir)
+        images = [load_image(p) for p in args.image]
+    pipe = load_pipeline(args)
+    if args.verb in ("caption", "ask"):
+        items = [image] if args.verb == "caption" else [image, args.question]
+        t0 = time.perf_counter()
+        text = pipe.generate_text(items, **_sampling_kwargs(args))
+        _emit(args, text, image=str(args.image), seconds=round(time.perf_counter() - t0, 4))
+    elif args.verb == "generate":
+        items = images + [args.prompt]
+        t0 = time.perf_counter()
+        image = pipe.generate_image(items, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                                    seed=args.seed, progress=None if args.json else _progress)
+        image.save(args.output)
+        _emit(args, str(args.output), seconds=round(time.perf_counter() - t0, 4))
+    elif args.verb == "chat":
+        return _chat(pipe, args)
     return 0
 
 
@@ -108,6 +115,8 @@ message), start over with /reset, leave with /quit (or Ctrl-D)."""
 
 
 def _chat(pipe, args) -> int:
+    from PIL import Image
+
     from emu_edge.runtime.images import load_image
 
     conversation = pipe.conversation()
@@ -131,7 +140,7 @@ def _chat(pipe, args) -> int:
             try:
                 pending.append(load_image(line[len("/image "):].strip()))
                 print(f"(image {len(pending)} added)", file=sys.stderr)
-            except (FileNotFoundError, ValueError) as e:
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # a bad image never ends the chat
                 print(f"error: {e}", file=sys.stderr)
             continue
         try:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from emu_edge import data
+from emu_edge.cli import thread_count
 from emu_edge.runtime.cli import load_pipeline
 from emu_edge.runtime.shipped import cached_bundle_path, default_bundle
 
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, help="bundle folder (default: the shipped model)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=thread_count, help="CPU threads per graph (capped at the CPU count)")
     parser.add_argument("--seed", type=int, default=0)
 
 

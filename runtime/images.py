@@ -15,7 +15,8 @@ Every input goes through `load_image`, which returns an 8-bit RGB `PIL.Image`:
 - Every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX, ...) uses PIL's own conversion
   to RGB (CMYK is PIL's plain, uncalibrated conversion).
 - PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) is kept: a file over twice the
-  limit is refused with an error naming the file and the limit.
+  limit is refused with an error naming the file, its size and the limit.
+- An image with a zero side (0 x N) is refused: there is nothing to look at.
 
 `preprocess` resizes each image to a `size` x `size` square with PIL's bicubic filter,
 the whole image squeezed or stretched (no crop, so nothing at the edges is lost; the
@@ -25,6 +26,8 @@ size are not resampled.
 
 from __future__ import annotations
 
+import os
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +44,7 @@ _ARRAY_RULE = (
 def load_image(item) -> Image.Image:
     """Any accepted image input -> 8-bit RGB `PIL.Image` (rules in the module docstring)."""
     if isinstance(item, Image.Image):
-        return _to_rgb(item)
+        return _to_rgb(_not_empty(item, "the image"))
     if isinstance(item, (str, Path)):
         return _load_path(Path(item))
     if isinstance(item, np.ndarray):
@@ -59,19 +62,35 @@ def _load_path(path: Path) -> Image.Image:
         raise ValueError(f"{path} is not a file; pass the path of an image file")
     try:
         with Image.open(path) as image:
+            _not_empty(image, str(path))
             image.load()
             return _to_rgb(image)
     except Image.DecompressionBombError as error:
-        raise Image.DecompressionBombError(
-            f"{path} is too large to open safely: {error}. The limit is PIL's "
-            f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels; raise it only for "
-            "files you trust"
-        ) from error
+        raise _too_large(path, error) from error
     except UnidentifiedImageError as error:
         raise ValueError(f"{path} is not an image PIL can read") from error
-    except (OSError, SyntaxError) as error:
+    except (OSError, SyntaxError, EOFError) as error:
         # truncated or corrupt data surfaces while decoding, after the header was accepted
         raise ValueError(f"{path} could not be decoded as an image: {error}") from error
+
+
+def _not_empty(image: Image.Image, what: str) -> Image.Image:
+    if 0 in image.size:
+        raise ValueError(f"{what} is {image.width}x{image.height} pixels: an image needs at least one pixel "
+                         "in each direction")
+    return image
+
+
+def _too_large(path: Path, error: Image.DecompressionBombError) -> Image.DecompressionBombError:
+    """PIL's bomb error with the file, its size and the limit. PIL's message has only the
+    pixel count; the size is the argument of the check that raised it."""
+    size = next((frame.f_locals.get("size") for frame, _ in traceback.walk_tb(error.__traceback__)
+                 if frame.f_code.co_name == "_decompression_bomb_check"), None)
+    what = f"{size[0]}x{size[1]} pixels" if isinstance(size, tuple) and len(size) == 2 else str(error)
+    return Image.DecompressionBombError(
+        f"{path} is too large to open safely ({what}); the limit is PIL's Image.MAX_IMAGE_PIXELS = "
+        f"{Image.MAX_IMAGE_PIXELS} pixels (files up to twice that open with a warning). Raise it only for "
+        "files you trust")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -204,15 +223,32 @@ def _sample_animation(path: Path, k: int) -> list[Image.Image]:
                 if i >= indices[-1]:
                     break
     except Image.DecompressionBombError as error:
-        raise Image.DecompressionBombError(
-            f"{path} is too large to open safely: {error}. The limit is PIL's "
-            f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels"
-        ) from error
+        raise _too_large(path, error) from error
     except UnidentifiedImageError as error:
         raise ValueError(f"{path} is not an image PIL can read") from error
-    except (OSError, SyntaxError) as error:
+    except (OSError, SyntaxError, EOFError) as error:
         raise ValueError(f"{path} could not be decoded as an animation: {error}") from error
     return [chosen[int(i)].copy() for i in indices]
+
+
+def check_output_path(path: str | Path, mkdir: bool = False) -> Path:
+    """Refuse an image path that cannot be written, before any work goes into the image:
+    a suffix PIL cannot write, a folder, or a missing or read-only parent folder (made
+    only when mkdir=True)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the image file to write, e.g. {path / 'image.png'}")
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        what = f"PIL cannot write {path.suffix} images" if path.suffix else "no suffix tells the image format"
+        raise ValueError(f"{path}: {what}; name the file .png (or .jpg, .webp, .bmp, .tif)")
+    folder = path.parent
+    if not folder.is_dir():
+        if not mkdir:
+            raise ValueError(f"cannot write {path}: its folder {folder} does not exist; create it, or pass --mkdir")
+        folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: its folder {folder} is not writable; choose another output path")
+    return path
 
 
 def to_pil(

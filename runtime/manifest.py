@@ -15,7 +15,10 @@ named after the family (`model.emu2`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,8 @@ class _Spec:
     default; unknown keys go to `unknown_keys` and come back out on to_dict."""
 
     _nested: dict[str, Any] = {}
+    # Integer fields that must be >= 1 (every integer in a manifest is >= 0).
+    _positive: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Any, where: str):
@@ -62,10 +67,28 @@ class _Spec:
                     values[name] = data[name]
                 else:
                     values[name] = convert(data[name], f"{where}.{name}")
+        cls._check_types(values, where)
         spec = cls(**values)
         spec.unknown_keys = {k: v for k, v in data.items() if k not in names}
         spec.validate(where)
         return spec
+
+    @classmethod
+    def _check_types(cls, values: dict, where: str) -> None:
+        """Each value against its field's annotation, so a wrong type is reported here with
+        its key, not as a TypeError wherever the runtime first uses it."""
+        hints = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+            if not _matches(value, hints[f.name]):
+                expected = str(f.type)
+                if "int" in expected:
+                    expected += " (integers >= 0; true/false is not an integer)"
+                raise ManifestError(f"{where}.{f.name} must be {expected}, got {_show(value)}")
+            if f.name in cls._positive and value is not None and value < 1:
+                raise ManifestError(f"{where}.{f.name} must be >= 1, got {value}")
 
     def validate(self, where: str) -> None:
         pass
@@ -79,6 +102,52 @@ class _Spec:
             out[f.name] = _plain(value)
         out.update(self.unknown_keys)
         return out
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _matches(value, hint) -> bool:
+    """Whether a value read from JSON has the type a field is annotated with. bool is not an
+    int here (JSON `true` would otherwise pass as 1), an int passes for a float, and no
+    count, size, id or version in a manifest is negative."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (origin or hint) is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value if args)
+    if (origin or hint) is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1])
+                                               for k, v in value.items() if args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is None and isinstance(hint, type):
+        return isinstance(value, hint)  # str, a nested spec
+    return True  # an annotation this check does not read (a tuple, ...) is left to validate()
+
+
+def _show(value, kind: bool = True) -> str:
+    """A value as the manifest spells it, shortened, and its JSON type."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text[:60] + "..." if len(text) > 60 else text
+    if not kind:
+        return text
+    name = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{text} ({name})"
 
 
 def _plain(value):
@@ -157,6 +226,10 @@ class GraphSpec(_Spec):
         for value, key in [(self.precision, "precision")] + [(p, "precisions") for p in self.precisions]:
             if value not in PRECISIONS:
                 raise ManifestError(f"{where}.{key} holds {value!r}; expected one of {', '.join(PRECISIONS)}")
+        for i, entry in enumerate(self.external_data):
+            if not (isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)):
+                raise ManifestError(f'{where}.external_data[{i}] must be {{"file": name, "sha256": hex digest}}, '
+                                    f"got {_show(entry)}")
 
     def name(self, key: str, layer: int | None = None) -> str:
         """The tensor bound for `key` ("logits", "past_key" with a layer, ...)."""
@@ -186,6 +259,8 @@ class KVSpec(_Spec):
     dtype: str = "float32"
     attention: str = "standard"    # which decoder graph variant was exported
     unknown_keys: dict = _unknown_field()
+
+    _positive = ("num_layers", "num_kv_heads", "head_dim")
 
     def validate(self, where: str) -> None:
         if self.attention not in ATTENTION_VARIANTS:
@@ -251,6 +326,7 @@ class ModelSpec(_Spec):
     unknown_keys: dict = _unknown_field()
 
     _nested = {"kv": KVSpec.from_dict, "prompt": _prompt_layout, "emu2": Emu2Spec.from_dict}
+    _positive = ("vocab_size", "hidden_size", "max_length")
 
     def validate(self, where: str) -> None:
         if self.family not in FAMILY_FIELDS:
@@ -308,16 +384,16 @@ class Manifest(_Spec):
         # very fields whose absence would otherwise be reported.
         if isinstance(data, dict) and "schema_version" in data:
             version = data["schema_version"]
-            if version not in SUPPORTED_SCHEMA_VERSIONS:
+            if not _matches(version, int) or version not in SUPPORTED_SCHEMA_VERSIONS:
                 readable = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
-                if isinstance(version, int) and version < SCHEMA_VERSION:
+                if _matches(version, int) and version < SCHEMA_VERSION:
                     raise ManifestError(
                         f"{where} has schema_version {version!r}, written by an older emu-edge; this runtime "
                         f"reads schema version(s) {readable}. Re-export the bundle with this version "
                         "(emu-edge export CHECKPOINT --out BUNDLE, or emu-edge export-hf for Hugging Face "
                         "folders); the shipped model's cached bundle is re-exported on its own.")
                 raise ManifestError(
-                    f"{where} has schema_version {version!r}; this runtime reads schema version(s) "
+                    f"{where} has schema_version {_show(version, kind=False)}; this runtime reads schema version(s) "
                     f"{readable}. Upgrade emu-edge to read it, or re-export the bundle with this version.")
         return super().from_dict(data, where)
 
@@ -330,6 +406,8 @@ class Manifest(_Spec):
             raise ManifestError(f"{path} does not exist; a bundle folder holds a {MANIFEST_FILE}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except OSError as e:
+            raise ManifestError(f"cannot read {path}: {e}") from e
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ManifestError(f"{path} is not valid JSON ({e}); the bundle is corrupt, re-export it") from e
         return cls.from_dict(data, str(path))

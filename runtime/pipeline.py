@@ -36,6 +36,11 @@ from emu_edge.runtime.sampling import Sampler, SamplingConfig, StopChecker
 DEFAULT_MAX_SESSIONS = 4
 
 
+class FamilyVerbError(AttributeError, ValueError):
+    """A verb this bundle's family does not have (generate_image on a text-only bundle).
+    An AttributeError for hasattr(), a ValueError for the CLI's one-line errors."""
+
+
 class SessionPool:
     """Decoder sessions lent to one call at a time, at most `max_sessions` alive. A call
     takes a free session of its batch size, or makes one (dropping a free one of another
@@ -146,7 +151,7 @@ class Pipeline:
         if family is not None and not name.startswith("_"):
             if hasattr(family, name):
                 return getattr(family, name)
-            raise AttributeError(f"this bundle's model is of family {self.manifest.model.family!r}, which has no "
+            raise FamilyVerbError(f"this bundle's model is of family {self.manifest.model.family!r}, which has no "
                                  f"{name!r}" + (" (images need an emu2 bundle: emu-edge export CHECKPOINT)"
                                                 if "image" in name or name in ("regress", "denoise", "autoencode")
                                                 else ""))

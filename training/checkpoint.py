@@ -7,13 +7,15 @@
 
 Every file is safetensors, JSON or ONNX: nothing is unpickled. Step folders are written under
 a temporary name and renamed, and `latest` is replaced atomically, so a run killed at any
-moment resumes from the last complete step.
+moment resumes from the last complete step. They are ordered by their numbers (stage, then
+step), not their names, and pruning keeps the one just written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,10 +30,24 @@ from emu_edge.training.batching import IMAGE_MEAN, IMAGE_STD
 EMU_JSON = "emu.json"
 COMPONENTS = ("llm", "vision", "unet")
 LATEST = "latest.json"
+# Everything a run writes into its folder; `train --overwrite` removes these and nothing else.
+RUN_FILES = (EMU_JSON, *COMPONENTS, "projections.safetensors", "tokenizer.json", "judge.onnx", "steps",
+             "metrics.jsonl", "train_config.json", "loss.png")
+_STEP_NAME = re.compile(r"(\d+)-(\d+)")
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def run_files(out: Path) -> list[Path]:
+    """What an earlier run left in `out`."""
+    return [out / name for name in RUN_FILES if (out / name).exists()]
+
+
+def clear_run(out: Path) -> None:
+    for path in run_files(out):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -196,10 +212,18 @@ def save_step(out: Path, name: str, model, optimizer, state: dict, keep: int = 2
     pointer = steps / ".latest.json.tmp"
     pointer.write_text(json.dumps({"step": name}))
     os.replace(pointer, steps / LATEST)
-    done = sorted(p for p in steps.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for old in done[:-keep]:  # names sort by stage, then zero-padded step
+    # By number, not name: "0-1000000" sorts before "0-999999" as a name.
+    others = sorted((p for p in steps.iterdir() if p.is_dir() and p != final and _step_number(p.name)),
+                    key=lambda p: _step_number(p.name))
+    for old in others[:max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_number(name: str) -> tuple[int, int] | None:
+    """(stage, step) of a step folder's name "<stage>-<step>"; None for anything else."""
+    match = _STEP_NAME.fullmatch(name)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def latest_step(out: Path) -> Path | None:

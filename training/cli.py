@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the data stream and fresh weights (default: the preset's); give a continuation "
                              "(--init-from) a new one so it sees new samples, not the ones its source trained on")
     parser.add_argument("--resume", action="store_true", help="continue from the folder's last complete step")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in --out and start over (without --resume or this, a folder "
+                             "holding a run is refused)")
     parser.add_argument("--init-from", metavar="CHECKPOINT",
                         help="start from a finished checkpoint's weights (e.g. the shipped model) instead of fresh ones")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.seed = args.seed
     try:
         out = train(cfg, args.out, stages, resume=args.resume, progress=not args.no_progress,
-                    init_from=args.init_from)
+                    init_from=args.init_from, overwrite=args.overwrite)
     except CheckpointError as e:
         raise SystemExit(f"emu-edge train: {e}")
     print(f"checkpoint written to {out}")

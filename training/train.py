@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emu_edge import data
+from emu_edge.runtime.bundle import overlap
 from emu_edge.runtime.prompt import PromptBuilder, emu2_builder
 from emu_edge.training import checkpoint as ckpt
 from emu_edge.training.batching import (ATTRIBUTE_CLASSES, attribute_targets, collate, encode, image_of,
@@ -274,24 +275,48 @@ def _check_same_stream(cfg: EmuConfig, out: Path) -> None:
             f"{k}={saved[k]} (now {mine[k]})" for k in differ) + "; pass the same --seed, --batch-size and --mix")
 
 
+def _claim(out: Path, resume: bool, overwrite: bool, init_from, rank: int, world: int, log) -> None:
+    """Refuse to start a new run over an old one: its metrics would mix with the new ones and
+    its step folders would outlive (and be resumed instead of) the new run's."""
+    if resume and overwrite:
+        raise ckpt.CheckpointError("--resume continues the run in --out and --overwrite deletes it; pass one of them")
+    old = ckpt.run_files(out)
+    if resume or not old:
+        return
+    if not overwrite:
+        raise ckpt.CheckpointError(
+            f"{out} already holds a run ({', '.join(p.name for p in old)}); pass --resume to continue it, "
+            "--overwrite to delete it and start over, or choose another --out")
+    if init_from is not None and overlap(init_from, out):
+        raise ckpt.CheckpointError(f"--overwrite would delete --init-from {init_from}, which is or lies in {out}")
+    if rank == 0:
+        log(f"--overwrite: deleting the run in {out} ({', '.join(p.name for p in old)})")
+        ckpt.clear_run(out)
+    if world > 1:
+        dist.barrier()
+
+
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = False,
           stop_after: int | None = None, judge: bool = True, progress: bool = True,
-          init_from: str | Path | None = None) -> Path:
+          init_from: str | Path | None = None, overwrite: bool = False) -> Path:
     """Run `stages` in order into `out`. stop_after: end (as if killed) after that many
     optimizer steps in this call; the tests use it to interrupt a run and resume it.
-    init_from: a finished checkpoint folder to start from instead of fresh weights."""
+    init_from: a finished checkpoint folder to start from instead of fresh weights.
+    A folder that holds a run is continued (resume) or deleted first (overwrite), never
+    silently trained over."""
     out = Path(out)
     rank, world = init_distributed()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} must divide by the {world} ranks")
     log = print if rank == 0 else (lambda *a, **k: None)
-    out.mkdir(parents=True, exist_ok=True)
     if resume and init_from is not None:
         raise ckpt.CheckpointError("--resume continues the run's own steps; drop --init-from")
+    _claim(out, resume, overwrite, init_from, rank, world, log)
+    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = prepare(cfg, out, resume, log, Path(init_from) if init_from is not None else None)
     if rank == 0 and not resume:
         tokenizer.save(str(out / "tokenizer.json"))

@@ -30,7 +30,7 @@ def test_caption_and_ask_print_json(tiny_bundle, tmp_path, capsys):
 
 def test_generate_writes_a_png(tiny_bundle, tmp_path, capsys):
     out = tmp_path / "out" / "red.png"
-    assert main(["generate", "a red circle", "-o", str(out), "--bundle", str(tiny_bundle), "--steps", "3",
+    assert main(["generate", "a red circle", "-o", str(out), "--mkdir", "--bundle", str(tiny_bundle), "--steps", "3",
                  "--scheduler", "euler", "--seed", "2"]) == 0
     image = Image.open(out)
     assert image.size == (16, 16) and image.mode == "RGB"

@@ -239,7 +239,7 @@ def test_invalid_image_parameters_are_named(pipe, kwargs, named):
         pipe.generate_image(["a red circle"], **kwargs)
 
 
-def test_text_only_bundle_refuses_images(tmp_path, tiny_checkpoint):
+def test_text_only_bundle_refuses_images(tmp_path, tiny_checkpoint, capsys):
     from emu_edge.cli import main
 
     out = tmp_path / "text"
@@ -252,6 +252,10 @@ def test_text_only_bundle_refuses_images(tmp_path, tiny_checkpoint):
     session.prefill([[1, 2, 3]])
     with pytest.raises(DecoderError, match="no regression head"):
         session.step_regressed()
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--bundle", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("emu-edge generate: error: ") and "family 'llm'" in err and "\n" not in err
 
 
 def test_without_onnxruntime_the_error_names_the_extra(tiny_bundle):

@@ -85,9 +85,10 @@ def test_runtime_imports_without_torch():
 
 
 # Training shares only the runtime's torch-free prompt, scheduler and judge modules (the
-# sequences it trains on are the ones the runtime builds; DESIGN.md, "Dependency direction").
+# sequences it trains on are the ones the runtime builds; DESIGN.md, "Dependency direction"),
+# and runtime.bundle's overlap(), the one check that an output folder is not an input.
 TRAINING_MAY_IMPORT_FROM_RUNTIME = {"emu_edge.runtime.prompt", "emu_edge.runtime.schedulers",
-                                    "emu_edge.runtime.judge"}
+                                    "emu_edge.runtime.judge", "emu_edge.runtime.bundle"}
 
 
 def test_training_imports_only_the_shared_runtime_modules():
