@@ -336,8 +336,7 @@ class Conversation:
         ids = self.unfed + ids if self.history else ids
         text.check_room(len(self.history) + len(ids), max_new_tokens, self.session.max_length,
                         "; or start a new conversation")
-        embeds = self.session.embed(np.asarray([ids], np.int64), visual)
-        out = self.session.extend_embeds(embeds) if self.history else self.session.prefill_embeds(embeds)
+        out = self.session.extend([ids], visual) if self.history else self.session.prefill([ids], visual)
         self.history += ids
         eos = pipe.manifest.model.eos_ids()
         if not eos:
