@@ -229,15 +229,18 @@ class DecoderSession:
     def step(self, tokens, check: bool = True) -> DecoderOutput:
         """One token id per row (tokens [B] or [B, 1]). On the CPU embed.onnx writes straight
         into the bound step input, so a token costs two bound graph runs and a copy of the
-        logits. check=False skips the placeholder check (the text loop never samples one)."""
-        token_ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
-        if token_ids.shape != (self.batch, 1):
-            raise DecoderError(f"step() takes one token id per row ({self.batch}), got {list(np.shape(tokens))}")
+        logits. check=False skips the checks (the text loop's own tokens: a [B] int array
+        without placeholders, which it never samples)."""
         if check:
-            check_placeholders(token_ids, 0, self.placeholder)
+            tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+            if tokens.shape != (self.batch,):
+                raise DecoderError(f"step() takes one token id per row ({self.batch}), got {tokens.size}")
+            check_placeholders(tokens, 0, self.placeholder)
+        # Unchecked, `tokens` is the sampler's [B] int array: a decode step is short enough
+        # that a conversion and a comparison per token show.
         if not (self._bound_embed and self._longest > 0):
-            return self.step_embeds(self.embed(token_ids))
-        self._step_ids[:] = token_ids
+            return self.step_embeds(self.embed(np.asarray(tokens, dtype=np.int64).reshape(-1, 1)))
+        self._step_ids[:, 0] = tokens
         self.embed_backend.run_bound(self._embed_binding_for("text"))
         return self._forward(self._step_embeds, 1)
 
