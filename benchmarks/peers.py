@@ -169,7 +169,8 @@ def fallback_quantize(bundle: Path, precision: str, out: Path) -> str:
         for name, spec in src.manifest.graphs.items():
             model = graphs.get(name) or onnx.load(str(src.graph_path(name)))
             writer.add_graph(name, model, precision=precision if name in graphs else spec.precision,
-                             profiles=spec.profiles, extra=spec.extra)
+                             profiles=spec.profiles, extra=spec.extra, role=spec.role, names=spec.names,
+                             precisions=spec.precisions)
         writer.write_tokenizer(src.path / src.manifest.tokenizer)
         writer.finish(src.manifest.model)
     return "benchmarks fallback: " + "; ".join(how)

@@ -56,34 +56,11 @@ class BundleWriteError(RuntimeError):
     pass
 
 
-# role -> {what the runtime binds: the tensor's name}; per-layer names carry {layer}.
-ROLE_NAMES: dict[str, dict[str, str]] = {
-    "embed": {"input_ids": "input_ids", "image_embeds": "image_embeds", "inputs_embeds": "inputs_embeds"},
-    "decoder": {"inputs_embeds": "inputs_embeds", "seqlens_k": "seqlens_k",
-                "total_sequence_length": "total_sequence_length",
-                "past_key": "past_key_values.{layer}.key", "past_value": "past_key_values.{layer}.value",
-                "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
-                "logits": "logits", "regressed": "regressed"},
-    "vision_encoder": {"pixel_values": "pixel_values", "image_embeds": "image_embeds", "frame_embeds": "frame_embeds"},
-    "unet": {"sample": "sample", "timestep": "timestep", "encoder_hidden_states": "encoder_hidden_states",
-             "noise_pred": "noise_pred"},
-    "judge": {"images": "images"},
-}
-# role -> the precisions quantize may turn the graph into.
-ROLE_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "decoder": ("fp32", "fp16", "int8", "int4"),
-    "vision_encoder": ("fp32", "fp16", "int8"),
-    "unet": ("fp32", "fp16", "int8"),
-    "embed": ("fp32", "fp16"),
-    "judge": ("fp32",),
-}
-
-
-def _present_names(role: str, model: onnx.ModelProto) -> dict[str, str]:
-    """ROLE_NAMES[role] restricted to the tensors this graph has (a text-only embed graph
-    has no image_embeds; a decoder without regression head no regressed)."""
+def _present_names(names: dict[str, str], model: onnx.ModelProto) -> dict[str, str]:
+    """A spec's role-to-tensor names restricted to the tensors this graph has (a text-only
+    embed graph has no image_embeds; a decoder without regression head no regressed)."""
     tensors = {v.name for v in list(model.graph.input) + list(model.graph.output)}
-    return {key: name for key, name in ROLE_NAMES.get(role, {}).items()
+    return {key: name for key, name in names.items()
             if (name.format(layer=0) if "{layer}" in name else name) in tensors}
 
 
@@ -200,12 +177,20 @@ class BundleWriter:
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def add_graph(self, name: str, model: onnx.ModelProto, precision: str = "fp32",
+    def add_graph(self, name: str, model: onnx.ModelProto, spec=None, precision: str = "fp32",
                   profiles: dict | None = None, dynamic_axes: dict | None = None,
                   extra: dict | None = None, role: str | None = None, names: dict | None = None,
                   precisions: list[str] | None = None) -> GraphSpec:
+        """spec: the network's export spec (export/specs.py), which gives the role, names,
+        allowed precisions and profiles. Without one (a graph copied from another bundle),
+        role, names and precisions come from the caller."""
         if name in self.graphs:
             raise BundleWriteError(f"graph {name!r} was already added")
+        if spec is not None:
+            role, names, precisions = spec.role, _present_names(spec.names, model), spec.precisions
+            profiles = spec.profiles() if profiles is None else profiles
+        elif role is None or names is None or precisions is None:
+            raise BundleWriteError(f"graph {name!r}: pass its export spec, or its role, names and precisions")
         file = f"{name}.onnx"
         path = self.tmp / file
         min_ort = min_onnxruntime_for(model)
@@ -226,20 +211,18 @@ class BundleWriter:
                 axes = {i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
                 if axes:
                     dynamic_axes[v.name] = axes
-        role = role or name
-        spec = GraphSpec(
+        entry = GraphSpec(
             role=role, file=file, sha256=sha256_file(path), precision=precision,
             inputs=_io_specs(model.graph.input), outputs=_io_specs(model.graph.output),
             ir_version=model.ir_version, opset=_default_opset(model), domains=domains,
             min_onnxruntime=min_ort, dynamic_axes=dynamic_axes, profiles=profiles or {},
             external_data=external, extra=extra or {},
-            names=names if names is not None else _present_names(role, model),
-            precisions=list(precisions if precisions is not None else ROLE_PRECISIONS.get(role, ("fp32", "fp16"))),
+            names=dict(names), precisions=list(precisions),
         )
-        self.graphs[name] = spec
+        self.graphs[name] = entry
         size = path.stat().st_size + sum((self.tmp / e["file"]).stat().st_size for e in external)
         self.log(f"  {file}: {size / 1e6:.1f} MB, {precision}, onnxruntime >= {min_ort}")
-        return spec
+        return entry
 
     def write_tokenizer(self, source) -> None:
         """Copy a tokenizer.json, or save a `tokenizers.Tokenizer`."""

@@ -1,7 +1,7 @@
 """`emu-edge export CHECKPOINT --out BUNDLE`: our checkpoint -> an ONNX bundle.
 
-A checkpoint is Hugging Face folders per component, so this is `export-hf` applied to
-llm/, vision/ and unet/, plus what only our model has: the projections (project_up
+A checkpoint is Hugging Face folders per component, so this is `export-hf`'s emu2 recipe
+(export/specs.py) applied to llm/, vision/ and unet/, plus what only our model has: the projections (project_up
 folded into embed.onnx, project_down into decoder.onnx as the regression head), the
 special tokens, templates, scheduler and the judge.
 """
@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from emu_edge.export.bundle_writer import BundleWriter
-from emu_edge.export.hf_cli import ExportError, export_llm
-from emu_edge.export.unet import export_unet
-from emu_edge.export.vision import export_vision
+from emu_edge.export.hf_cli import ExportError, load_llm
+from emu_edge.export.specs import ExportInputs, export_recipe
 from emu_edge.runtime.manifest import Emu2Spec, ModelSpec
 from emu_edge.runtime.prompt import PromptLayout
 
@@ -73,25 +71,24 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
     start = time.perf_counter()
     with BundleWriter(out, overwrite=overwrite, sources=[ck]) as writer:
         print(f"exporting {ck} to {writer.out}")
-        fields = export_llm(ck / "llm", writer, attention=attention,
-                            max_length=max_length or config["max_length"],
-                            project_down=(proj["project_down.weight"], proj["project_down.bias"]),
-                            project_up=(proj["project_up.weight"], proj["project_up.bias"]),
-                            image_token_id=layout.token_id(layout.placeholder))
-        visual = export_vision(ck / "vision", writer, n_query, frame_n_query)
-        visual |= export_unet(ck / "unet", writer, n_query)
-        judge = ck / "judge.onnx"
-        if judge.is_file():  # calibration and quantization reports score images with it, torch-free
-            writer.add_graph("judge", onnx.load(str(judge)))
+        llm = load_llm(ck / "llm", family="llm")
+        inputs = ExportInputs(
+            llm=llm, attention=attention, max_length=llm.max_length(max_length or config["max_length"]),
+            project_down=(proj["project_down.weight"], proj["project_down.bias"]),
+            project_up=(proj["project_up.weight"], proj["project_up.bias"]),
+            image_token_id=layout.token_id(layout.placeholder), vision=ck / "vision", unet=ck / "unet",
+            n_query=n_query, frame_n_query=frame_n_query, judge=ck / "judge.onnx")
+        fields = export_recipe("emu2", writer, inputs)
         writer.write_tokenizer(ck / "tokenizer.json")
-        fields.update(
+        model = dict(fields["model"])
+        model.update(
             family="emu2", prompt=layout,
-            emu2=Emu2Spec(**visual, video_frames=VIDEO_FRAMES, image_mean=meta["image_mean"],
+            emu2=Emu2Spec(**fields["emu2"], video_frames=VIDEO_FRAMES, image_mean=meta["image_mean"],
                           image_std=meta["image_std"], unconditional_embedding=meta["unconditional_embedding"],
                           scheduler=meta["scheduler"]),
             generation=meta["generation_defaults"], architecture="emu-edge",
             source={"checkpoint": ck.name, "preset": config.get("preset")},
         )
-        result = writer.finish(ModelSpec(**fields))
+        result = writer.finish(ModelSpec(**model))
     print(f"exported in {time.perf_counter() - start:.1f} s")
     return result

@@ -1,4 +1,9 @@
-"""The decoder graph, built op by op from a Llama state dict.
+"""The decoder graph, built op by op from one canonical description and its weights.
+
+`DecoderDescription` is what the builder reads: sizes, norm, activation, rotary settings,
+which projections carry biases. Weights come by canonical name ("layers.{i}.attn.q.weight";
+see CANONICAL_WEIGHTS); export/adapters.py maps each source layout (Llama, Qwen2, Emu3's
+text model) onto both, so the builder never sees a transformers config or an HF name.
 
 One builder, two attention variants behind one contract (DESIGN.md, "The decoder's
 KV-cache contract"):
@@ -44,15 +49,14 @@ bundle_writer.MIN_ONNXRUNTIME_FOR_OPS).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# onnxruntime on JetPack and the oldest one we promise (1.16) read IR 9 / opset 19.
-IR_VERSION = 9
-OPSET = 19
+from emu_edge.export.target import IR_VERSION, OPSET
+
 MS_DOMAIN = "com.microsoft"
 ATTENTION_VARIANTS = ("gqa", "standard")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -155,11 +159,21 @@ class GraphBuilder:
 
 
 # ---------------------------------------------------------------------------------------
-# Model settings read from a transformers LlamaConfig.
+# The canonical decoder.
+
+# Per-layer names carry {i}; biases are read only where the description says they exist.
+CANONICAL_WEIGHTS = (
+    "embed.weight", "final_norm.weight", "lm_head.weight",
+    "layers.{i}.input_norm.weight", "layers.{i}.post_attention_norm.weight",
+    *(f"layers.{{i}}.attn.{p}.{k}" for p in "qkvo" for k in ("weight", "bias")),
+    *(f"layers.{{i}}.mlp.{p}.{k}" for p in ("gate", "up", "down") for k in ("weight", "bias")),
+)
 
 
 @dataclass(frozen=True)
-class DecoderDims:
+class DecoderDescription:
+    """A pre-norm decoder as the builder makes it (Llama's block; adapters fill it in)."""
+
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -168,46 +182,47 @@ class DecoderDims:
     intermediate_size: int
     vocab_size: int
     rms_norm_eps: float
+    norm: str = "rms"
+    activation: str = "silu"
+    rope_type: str = "default"
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)   # llama3: factor, low/high_freq_factor, ...
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tied_embeddings: bool = False
+    embedding_scale: float = 1.0
+    max_position_embeddings: int | None = None
 
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def rope_parameters(self) -> dict:
+        return {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope_scaling}
 
-def decoder_dims(config) -> DecoderDims:
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise DecoderExportError(f"hidden_act {act!r} is not supported; Llama-family decoders use 'silu'")
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    if num_heads % num_kv_heads:
-        raise DecoderExportError(
-            f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    if head_dim % 2:
-        raise DecoderExportError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-    return DecoderDims(
-        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=config.intermediate_size,
-        vocab_size=config.vocab_size, rms_norm_eps=float(config.rms_norm_eps),
-    )
-
-
-def rope_parameters(config) -> dict:
-    """The rotary settings as a plain dict, from transformers 5's `rope_parameters` (or the
-    `rope_theta` / `rope_scaling` attributes of older configs)."""
-    params = getattr(config, "rope_parameters", None)
-    if params is None:
-        params = dict(getattr(config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params = dict(params)
-    params.setdefault("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise DecoderExportError("partial_rotary_factor != 1 is not supported")
-    if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        raise DecoderExportError(
-            f"rope_type {params['rope_type']!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    return params
+    def check(self) -> DecoderDescription:
+        """Raise DecoderExportError for anything the builder does not make."""
+        if self.activation != "silu":
+            raise DecoderExportError(f"hidden_act {self.activation!r} is not supported; Llama-family decoders use 'silu'")
+        if self.norm != "rms":
+            raise DecoderExportError(f"norm {self.norm!r} is not supported; the decoder builder makes RMSNorm")
+        if self.qk_norm:
+            raise DecoderExportError("this model normalises queries and keys per head (q/k-norm), which the "
+                                     "decoder builder does not do yet")
+        if self.num_heads % self.num_kv_heads:
+            raise DecoderExportError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                                     f"num_key_value_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise DecoderExportError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:
+            raise DecoderExportError("partial_rotary_factor != 1 is not supported")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise DecoderExportError(
+                f"rope_type {self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        return self
 
 
 def rope_inv_freq(params: dict, head_dim: int) -> np.ndarray:
@@ -253,15 +268,15 @@ def resolve_attention(attention: str, head_dim: int) -> str:
 # The graph.
 
 
-def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_length: int,
+def build_decoder(desc: DecoderDescription, weights, attention: str, max_length: int,
                   project_down: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
-    """The KV-cached decoder graph of a LlamaForCausalLM state dict (HF names, numpy)."""
-    dims = decoder_dims(config)
+    """The KV-cached decoder graph. weights: canonical name -> array (a dict, or an
+    adapter's lazy reader: each tensor is read when its layer is built)."""
+    dims = desc.check()
     attention = resolve_attention(attention, dims.head_dim)
     if max_length < 1:
         raise DecoderExportError(f"max_length must be >= 1, got {max_length}")
-    params = rope_parameters(config)
-    cos_table, sin_table = rope_tables(params, dims.head_dim, max_length)
+    cos_table, sin_table = rope_tables(desc.rope_parameters, dims.head_dim, max_length)
     w = _WeightReader(weights)
 
     g = GraphBuilder("decoder")
@@ -287,31 +302,29 @@ def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_le
 
     pending = None  # the "gqa" MLP output not yet added to the residual stream
     for i in range(dims.num_layers):
-        p = f"model.layers.{i}"
-        norm_w = w[f"{p}.input_layernorm.weight"]
+        p = f"layers.{i}"
+        norm_w = w[f"{p}.input_norm.weight"]
         if pending is None:
             h = g.rms_norm(x, norm_w, eps, f"layers.{i}.input_norm")
         else:
             h, x = g.skip_rms_norm(x, pending, norm_w, eps, f"layers.{i}.input_norm")
-        qkv_w = np.concatenate([w[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
-        qkv_b = None
-        if f"{p}.self_attn.q_proj.bias" in weights:
-            qkv_b = np.concatenate([w[f"{p}.self_attn.{n}_proj.bias"] for n in "qkv"], axis=0)
+        qkv_w = np.concatenate([w[f"{p}.attn.{n}.weight"] for n in "qkv"], axis=0)
+        qkv_b = np.concatenate([w[f"{p}.attn.{n}.bias"] for n in "qkv"], axis=0) if desc.qkv_bias else None
         qkv = g.linear(h, qkv_w, qkv_b, f"layers.{i}.qkv")
         present = (f"present.{i}.key", f"present.{i}.value")
         if attention == "gqa":
             attn = _gqa_attention(g, qkv, pasts[i], present, seqlens_k, total_len, cos, sin, dims, i)
         else:
             attn = _standard_attention(g, qkv, pasts[i], present, lengths, dims, i)
-        o = g.linear(attn, w[f"{p}.self_attn.o_proj.weight"], w.get(f"{p}.self_attn.o_proj.bias"),
+        o = g.linear(attn, w[f"{p}.attn.o.weight"], w[f"{p}.attn.o.bias"] if desc.o_bias else None,
                      f"layers.{i}.o_proj")
-        norm_w = w[f"{p}.post_attention_layernorm.weight"]
+        norm_w = w[f"{p}.post_attention_norm.weight"]
         if fused:
             h, x = g.skip_rms_norm(x, o, norm_w, eps, f"layers.{i}.post_attention_norm")
         else:
             x = g.op("Add", x, o, name=f"layers.{i}/attn_residual")
             h = g.rms_norm(x, norm_w, eps, f"layers.{i}.post_attention_norm")
-        down = _mlp(g, h, w, p, dims, fused, i)
+        down = _mlp(g, h, w, dims, fused, i)
         if fused:
             pending = down
         else:
@@ -319,7 +332,7 @@ def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_le
         for name in present:
             g.output(name, TensorProto.FLOAT, ["batch", dims.num_kv_heads, "max_length", dims.head_dim])
 
-    final_w = w["model.norm.weight"]
+    final_w = w["final_norm.weight"]
     if fused:
         # Norm then gather: on a prefill the norm is over S rows (cheap), and the residual
         # add needs no node of its own.
@@ -332,9 +345,9 @@ def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_le
         # Only the last real position of each row goes through the head: norm is per
         # position, so gathering first saves S - 1 rows of lm_head on a prefill.
         last = g.rms_norm(_gather_last(g, x, x_in, seqlens_k), final_w, eps, "final_norm")
-    lm_head = weights.get("lm_head.weight")
-    if lm_head is None:  # tied embeddings: save_pretrained leaves lm_head out
-        lm_head = w["model.embed_tokens.weight"]
+    # Tied embeddings: save_pretrained leaves lm_head out.
+    tied = desc.tied_embeddings or "lm_head.weight" not in weights
+    lm_head = w["embed.weight"] if tied else w["lm_head.weight"]
     logits = g.linear(last, lm_head, None, "lm_head")
     g.op("Identity", logits, outputs=["logits"], name="logits")
     g.output("logits", TensorProto.FLOAT, ["batch", dims.vocab_size])
@@ -347,27 +360,25 @@ def build_decoder(config, weights: dict[str, np.ndarray], attention: str, max_le
         g.op("Identity", regressed, outputs=["regressed"], name="regressed")
         g.output("regressed", TensorProto.FLOAT, ["batch", int(weight.shape[0])])
 
-    doc = f"Llama decoder, attention={attention}, max_length={max_length}"
+    doc = f"decoder, attention={attention}, max_length={max_length}"
     return g.model(uses_ms_domain=(attention == "gqa"), doc=doc)
 
 
 class _WeightReader:
-    def __init__(self, weights: dict[str, np.ndarray]):
+    def __init__(self, weights):
         self.weights = weights
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.weights:
-            raise DecoderExportError(f"the state dict has no tensor {name!r}; is this a LlamaForCausalLM?")
+            raise DecoderExportError(f"the weights have no tensor for {name!r} (canonical name), which the "
+                                     "model's description says it has")
         return np.asarray(self.weights[name], dtype=np.float32)
-
-    def get(self, name: str) -> np.ndarray | None:
-        return self[name] if name in self.weights else None
 
 
 class _Lengths:
     """Per-row positions derived once from seqlens_k and shared by every layer."""
 
-    def __init__(self, g: GraphBuilder, x: str, seqlens_k: str, total_len: str, dims: DecoderDims):
+    def __init__(self, g: GraphBuilder, x: str, seqlens_k: str, total_len: str, dims: DecoderDescription):
         self.g, self.dims = g, dims
         shape = g.op("Shape", x, name="lengths/Shape")
         self.batch = g.op("Gather", shape, g.const(0), axis=0, name="lengths/batch")       # scalar
@@ -422,12 +433,13 @@ def _gather_last(g: GraphBuilder, x: str, inputs_embeds: str, seqlens_k: str) ->
     return g.op("GatherND", x, index, batch_dims=1, name="last/gather")                   # [B, H]
 
 
-def _mlp(g: GraphBuilder, h: str, w: _WeightReader, p: str, dims: DecoderDims, fused: bool, i: int) -> str:
+def _mlp(g: GraphBuilder, h: str, w: _WeightReader, dims: DecoderDescription, fused: bool, i: int) -> str:
     """down(silu(gate(h)) * up(h)). fused: gate and up as one MatMul over [gate | up], so
     one kernel call reads both weights and, under MatMulNBits, h is quantized once, not
     twice (3% of an int4 decode step on the 30M benchmark preset)."""
-    gate_w, up_w = w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"]
-    gate_b, up_b = w.get(f"{p}.mlp.gate_proj.bias"), w.get(f"{p}.mlp.up_proj.bias")
+    p = f"layers.{i}.mlp"
+    gate_w, up_w = w[f"{p}.gate.weight"], w[f"{p}.up.weight"]
+    gate_b, up_b = (w[f"{p}.gate.bias"], w[f"{p}.up.bias"]) if dims.mlp_bias else (None, None)
     if fused:
         bias = None
         if gate_b is not None or up_b is not None:
@@ -440,12 +452,12 @@ def _mlp(g: GraphBuilder, h: str, w: _WeightReader, p: str, dims: DecoderDims, f
         gate = g.linear(h, gate_w, gate_b, f"layers.{i}.gate_proj")
         up = g.linear(h, up_w, up_b, f"layers.{i}.up_proj")
     act = g.op("Mul", gate, g.op("Sigmoid", gate, name=f"layers.{i}/Sigmoid"), name=f"layers.{i}/silu")
-    return g.linear(g.op("Mul", act, up, name=f"layers.{i}/gated"), w[f"{p}.mlp.down_proj.weight"],
-                    w.get(f"{p}.mlp.down_proj.bias"), f"layers.{i}.down_proj")
+    return g.linear(g.op("Mul", act, up, name=f"layers.{i}/gated"), w[f"{p}.down.weight"],
+                    w[f"{p}.down.bias"] if dims.mlp_bias else None, f"layers.{i}.down_proj")
 
 
 def _gqa_attention(g: GraphBuilder, qkv: str, past: tuple[str, str], present: tuple[str, str],
-                   seqlens_k: str, total_len: str, cos: str, sin: str, dims: DecoderDims, i: int) -> str:
+                   seqlens_k: str, total_len: str, cos: str, sin: str, dims: DecoderDescription, i: int) -> str:
     # Packed QKV: key and value inputs left empty, as the kernel expects for packing.
     out, _, _ = g.op("GroupQueryAttention", qkv, "", "", past[0], past[1], seqlens_k, total_len, cos, sin,
                      outputs=[f"layers.{i}.attn", present[0], present[1]], name=f"layers.{i}/GroupQueryAttention",
@@ -455,7 +467,7 @@ def _gqa_attention(g: GraphBuilder, qkv: str, past: tuple[str, str], present: tu
 
 
 def _standard_attention(g: GraphBuilder, qkv: str, past: tuple[str, str], present: tuple[str, str],
-                        lengths: _Lengths, dims: DecoderDims, i: int) -> str:
+                        lengths: _Lengths, dims: DecoderDescription, i: int) -> str:
     n, kv, d, grp = dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.group
     p = f"layers.{i}"
     heads = g.op("Reshape", qkv, g.const([0, 0, n + 2 * kv, d]), name=f"{p}/heads")          # [B,S,n+2kv,D]

@@ -19,18 +19,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from emu_edge.export.decoder import GraphBuilder
+from emu_edge.export.decoder import DecoderDescription, DecoderExportError, GraphBuilder
 
 
-def build_embed(weights: dict[str, np.ndarray], config, image_token_id: int | None = None,
+def build_embed(desc: DecoderDescription, weights, image_token_id: int | None = None,
                 project_up: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
-    if "model.embed_tokens.weight" not in weights:
-        raise ValueError("the state dict has no 'model.embed_tokens.weight'; is this a LlamaForCausalLM?")
-    table = np.asarray(weights["model.embed_tokens.weight"], dtype=np.float32)
+    """weights: canonical name -> array (only "embed.weight" is read)."""
+    if "embed.weight" not in weights:
+        raise DecoderExportError("the weights have no token embedding table ('embed.weight', canonical name)")
+    table = np.asarray(weights["embed.weight"], dtype=np.float32)
     vocab, hidden = table.shape
-    if (vocab, hidden) != (config.vocab_size, config.hidden_size):
-        raise ValueError(f"embed_tokens has shape {table.shape}; the config says "
-                         f"[{config.vocab_size}, {config.hidden_size}]")
+    if (vocab, hidden) != (desc.vocab_size, desc.hidden_size):
+        raise DecoderExportError(f"the token embedding has shape {table.shape}; the config says "
+                                 f"[{desc.vocab_size}, {desc.hidden_size}]")
+    if desc.embedding_scale != 1.0:  # scaled embeddings (sqrt(hidden) in some models): fold into the table
+        table = table * np.float32(desc.embedding_scale)
     if (project_up is None) != (image_token_id is None):
         raise ValueError("project_up and image_token_id go together: give both or neither")
 

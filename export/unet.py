@@ -23,8 +23,6 @@ step takes about 8% less time at 32x32 and 64x64 than the traced graph.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import torch
@@ -32,7 +30,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from emu_edge.export.trt_check import constant_tensors
-from emu_edge.export.vision import _to_proto, load_folder
+from emu_edge.export.vision import _to_proto
 
 
 class _UNetGraph(nn.Module):
@@ -44,44 +42,12 @@ class _UNetGraph(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
 
 
-def build_unet(unet, n_query: int, max_batch: int = 16, optimize: bool = True):
-    """diffusers UNet2DConditionModel -> (ModelProto, profiles). Timesteps are float32 per
-    batch row: Euler's are fractional, and an int64 input would silently truncate them.
-    optimize=False leaves the traced graph as the tracer wrote it (for comparisons)."""
-    c = unet.config
-    size, channels, dim = c.sample_size, c.in_channels, c.cross_attention_dim
-    args = (torch.randn(2, channels, size, size), torch.tensor([999.0, 10.5]), torch.randn(2, n_query, dim))
-    model = _to_proto(_UNetGraph(unet.eval()), args, ["sample", "timestep", "encoder_hidden_states"], ["noise_pred"],
-                      {"sample": {0: "batch"}, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
-                       "noise_pred": {0: "batch"}})
-    if optimize:
-        model = optimize_unet_graph(model, lambda b: {
-            "sample": np.zeros((b, channels, size, size), np.float32),
-            "timestep": np.full(b, 500.0, np.float32),
-            "encoder_hidden_states": np.zeros((b, n_query, dim), np.float32)})
-
-    def prof(*shape_of_batch):
-        return {"min": shape_of_batch[0](2), "opt": shape_of_batch[0](2), "max": shape_of_batch[0](2 * max_batch)}
-
-    profiles = {
-        "sample": prof(lambda b: [b, channels, size, size]),
-        "timestep": prof(lambda b: [b]),
-        "encoder_hidden_states": prof(lambda b: [b, n_query, dim]),
-    }
-    return model, profiles
-
-
-def export_unet(folder: str | Path, writer, n_query: int) -> dict:
-    """A diffusers UNet2DConditionModel folder -> unet.onnx in `writer`."""
-    from diffusers import UNet2DConditionModel
-
-    unet = load_folder(UNet2DConditionModel, folder)
-    c = unet.config
-    print(f"  unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {c.sample_size}px, "
-          f"conditioned on {n_query} x {c.cross_attention_dim}")
-    model, profiles = build_unet(unet, n_query)
-    writer.add_graph("unet", model, profiles=profiles)
-    return dict(image_size=c.sample_size)
+def trace_unet(unet, spec) -> onnx.ModelProto:
+    """diffusers UNet2DConditionModel -> the traced graph (spec: specs.UNetSpec, which adds
+    the rewrites below as its optimisation)."""
+    feeds = spec.sample_inputs(batch=2)
+    args = tuple(torch.from_numpy(feeds[name]) for name in spec.inputs)
+    return _to_proto(_UNetGraph(unet.eval()), args, list(spec.inputs), ["noise_pred"], spec.dynamic_axes())
 
 
 # -- graph rewrites ------------------------------------------------------------------------

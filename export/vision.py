@@ -1,4 +1,5 @@
-"""Vision encoder -> vision_encoder.onnx (torch.onnx, TorchScript tracer).
+"""Vision encoder -> vision_encoder.onnx (torch.onnx, TorchScript tracer); the spec
+(names, axes, profiles, sample input) is specs.VisionEncoderSpec.
 
 pixel_values [batch, 3, S, S] (normalised as the manifest says) -> image_embeds
 [batch, n_query, visual_dim] and frame_embeds [batch, frame_n_query, visual_dim]: the same
@@ -15,8 +16,7 @@ import onnx
 import torch
 from torch import nn
 
-OPSET = 17
-IR_VERSION = 8
+from emu_edge.export.target import IR_VERSION, OPSET
 
 
 class _VisionGraph(nn.Module):
@@ -38,19 +38,15 @@ def _to_proto(module: nn.Module, args: tuple, input_names, output_names, dynamic
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
-    model.ir_version = IR_VERSION  # onnxruntime 1.16+ (JetPack 6) reads it
+    model.ir_version = IR_VERSION  # torch stamps a newer one than the onnxruntime we target reads
     return model
 
 
-def build_vision(encoder, image_size: int, n_query: int, frame_n_query: int, max_batch: int = 16):
-    """encoder: emu_edge.training.model.VisionEncoder -> (ModelProto, profiles)."""
-    graph = _VisionGraph(encoder.eval(), n_query, frame_n_query)
-    sample = torch.randn(2, 3, image_size, image_size)
-    model = _to_proto(graph, (sample,), ["pixel_values"], ["image_embeds", "frame_embeds"],
-                      {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}, "frame_embeds": {0: "batch"}})
-    shape = lambda b: [b, 3, image_size, image_size]
-    profiles = {"pixel_values": {"min": shape(1), "opt": shape(1), "max": shape(max_batch)}}
-    return model, profiles
+def build_vision(encoder, spec) -> onnx.ModelProto:
+    """encoder: emu_edge.training.model.VisionEncoder; spec: specs.VisionEncoderSpec."""
+    graph = _VisionGraph(encoder.eval(), spec.n_query, spec.frame_n_query)
+    sample = torch.from_numpy(spec.sample_inputs(batch=2)["pixel_values"])
+    return _to_proto(graph, (sample,), ["pixel_values"], ["image_embeds", "frame_embeds"], spec.dynamic_axes())
 
 
 def load_folder(cls, folder: str | Path):
@@ -62,23 +58,3 @@ def load_folder(cls, folder: str | Path):
         return cls.from_pretrained(str(folder)).float().eval()
     except Exception as e:  # transformers and diffusers raise several types for a bad folder
         raise ValueError(f"{folder} does not load as a {cls.__name__}: {e}") from e
-
-
-def export_vision(folder: str | Path, writer, n_query: int, frame_n_query: int) -> dict:
-    """A transformers CLIPVisionModel folder -> vision_encoder.onnx in `writer`; returns the
-    ModelSpec fields it defines. The pooling (drop the class token, post-LN, mean-pool the
-    patch grid to n_query) is Emu2's recipe, the same for our encoder and a user's."""
-    from transformers import CLIPVisionModel
-
-    from emu_edge.training.config import EmuConfig
-    from emu_edge.training.model import VisionEncoder
-
-    vision = load_folder(CLIPVisionModel, folder)
-    c = vision.config
-    cfg = EmuConfig(image_size=c.image_size, patch_size=c.patch_size, vision_hidden=c.hidden_size,
-                    n_query=n_query, frame_n_query=frame_n_query).validate()
-    print(f"  vision encoder: {c.num_hidden_layers} layers x {c.hidden_size}, {c.image_size}px, "
-          f"{n_query} embeddings per image, {frame_n_query} per video frame")
-    model, profiles = build_vision(VisionEncoder(cfg, vision), c.image_size, n_query, frame_n_query)
-    writer.add_graph("vision_encoder", model, profiles=profiles)
-    return dict(n_query=n_query, frame_n_query=frame_n_query, visual_dim=c.hidden_size, image_size=c.image_size)

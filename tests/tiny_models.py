@@ -1,4 +1,4 @@
-"""Tiny models from the real classes, for tests: Hugging Face Llama folders.
+"""Tiny models from the real classes, for tests: Hugging Face Llama and Qwen2 folders.
 
 `make_llm_folder(path, preset)` writes what `emu-edge export-hf --llm` reads: config.json,
 model.safetensors, generation_config.json and a tokenizer.json built with `tokenizers`.
@@ -69,6 +69,46 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
     return tok
+
+
+def qwen2_config(**overrides):
+    """Qwen2: q/k/v biases, otherwise Llama's block; full attention (no sliding window)."""
+    from transformers import Qwen2Config
+
+    settings = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, use_sliding_window=False,
+                    pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
+    settings.update(overrides)
+    config = Qwen2Config(**settings)
+    config.architectures = ["Qwen2ForCausalLM"]
+    return config
+
+
+def build_qwen2(seed: int = 0, **overrides):
+    """A random Qwen2ForCausalLM with decisive greedy choices (as build_llm), its biases
+    random too so a dropped bias shows."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(qwen2_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        model.lm_head.weight.mul_(5.0)
+    return model
+
+
+def make_qwen2_folder(path: Path, seed: int = 0, **overrides) -> Path:
+    path = Path(path)
+    model = build_qwen2(seed, **overrides)
+    model.save_pretrained(path)
+    build_tokenizer(model.config.vocab_size).save(str(path / "tokenizer.json"))
+    return path
 
 
 def make_llm_folder(path: Path, preset: str, seed: int = 0, **overrides) -> Path:

@@ -13,6 +13,7 @@ step), not their names, and pruning keeps the one just written.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -28,7 +29,9 @@ from emu_edge.training.config import EmuConfig
 from emu_edge.training.batching import IMAGE_MEAN, IMAGE_STD
 
 EMU_JSON = "emu.json"
-COMPONENTS = ("llm", "vision", "unet")
+# folder -> (library, class): each component loads with its own library's from_pretrained.
+COMPONENTS = {"llm": ("transformers", "LlamaForCausalLM"), "vision": ("transformers", "CLIPVisionModel"),
+              "unet": ("diffusers", "UNet2DConditionModel")}
 LATEST = "latest.json"
 # Everything a run writes into its folder; `train --overwrite` removes these and nothing else.
 RUN_FILES = (EMU_JSON, *COMPONENTS, "projections.safetensors", "tokenizer.json", "judge.onnx", "steps",
@@ -119,9 +122,7 @@ def _check(path: Path) -> Path:
 
 def load_checkpoint(path: str | Path):
     """-> (EmuModel in fp32 eval mode, tokenizers.Tokenizer, EmuConfig). Errors name the file."""
-    from diffusers import UNet2DConditionModel
     from tokenizers import Tokenizer
-    from transformers import CLIPVisionModel, LlamaForCausalLM
 
     from emu_edge.training.model import EmuModel
 
@@ -140,7 +141,8 @@ def load_checkpoint(path: str | Path):
     except Exception as e:  # tokenizers raises a bare Exception on parse errors
         raise CheckpointError(f"corrupt checkpoint file {tok_file}: {e}") from e
     loaded = {}
-    for name, cls in (("llm", LlamaForCausalLM), ("vision", CLIPVisionModel), ("unet", UNet2DConditionModel)):
+    for name, (library, class_name) in COMPONENTS.items():
+        cls = getattr(importlib.import_module(library), class_name)
         folder = path / name
         _check(folder / "config.json")
         weights = sorted(folder.glob("*.safetensors"))
@@ -160,7 +162,7 @@ def load_checkpoint(path: str | Path):
         proj = load_file(str(proj_file))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt checkpoint file {proj_file}: {e}") from e
-    model = EmuModel(cfg, checkpoint_token_ids(meta), vision=loaded["vision"], llm=loaded["llm"], unet=loaded["unet"])
+    model = EmuModel(cfg, checkpoint_token_ids(meta), **loaded)
     for p in ("project_up", "project_down"):
         getattr(model, p).load_state_dict({k.split(".", 1)[1]: v.float() for k, v in proj.items() if k.startswith(p + ".")})
     return model.eval(), tokenizer, cfg

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from tiny_models import LLM_PRESETS, build_llm, llm_config
+from emu_edge.export.adapters import ADAPTERS, from_model
 from emu_edge.export.bundle_writer import BundleWriter, min_onnxruntime_for
-from emu_edge.export.decoder import DecoderExportError, build_decoder, decoder_dims, resolve_attention
+from emu_edge.export.decoder import DecoderExportError, build_decoder, resolve_attention
 from emu_edge.export.embed import build_embed
+from emu_edge.export.specs import DecoderSpec
 from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.manifest import KVSpec, ModelSpec
 
@@ -33,12 +35,17 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _weights(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+def _desc(config):
+    return ADAPTERS["LlamaForCausalLM"].describe(config)
+
+
+def _build(model, attention, project_down=None):
+    source = from_model(model)
+    return build_decoder(source.description, source.weights, attention, MAX_LENGTH, project_down=project_down)
 
 
 def _variants(preset: str) -> list[str]:
-    head_dim = decoder_dims(llm_config(preset)).head_dim
+    head_dim = _desc(llm_config(preset)).head_dim
     return ["gqa", "standard"] if head_dim % 16 == 0 else ["standard"]
 
 
@@ -49,7 +56,7 @@ class OnnxDecoder:
     """Runs a decoder ModelProto with shared past/present buffers, as the runtime does."""
 
     def __init__(self, model_proto: onnx.ModelProto, config, batch: int = 1, max_length: int = MAX_LENGTH):
-        dims = decoder_dims(config)
+        dims = _desc(config)
         self.session = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
         shape = [batch, dims.num_kv_heads, max_length, dims.head_dim]
@@ -85,7 +92,7 @@ def _assert_close(got: np.ndarray, ref: np.ndarray, what: str) -> None:
 @pytest.mark.parametrize("preset,attention", CASES, ids=[f"{p}-{v}" for p, v in CASES])
 def test_decoder_logits_match_torch_teacher_forced(preset, attention):
     model = build_llm(preset, seed=1)
-    graph = build_decoder(model.config, _weights(model), attention, MAX_LENGTH)
+    graph = _build(model, attention)
     torch.manual_seed(100 + len(preset))
     embeds = torch.randn(1, 24, model.config.hidden_size)
     with torch.no_grad():
@@ -104,7 +111,7 @@ def test_decoder_logits_match_torch_teacher_forced(preset, attention):
 @pytest.mark.parametrize("attention", ["gqa", "standard"])
 def test_ragged_batch_matches_each_row_alone(attention):
     model = build_llm("gqa", seed=2)
-    graph = build_decoder(model.config, _weights(model), attention, MAX_LENGTH)
+    graph = _build(model, attention)
     torch.manual_seed(7)
     lengths = [3, 9, 6]
     rows = [torch.randn(1, n + 4, model.config.hidden_size) for n in lengths]
@@ -132,19 +139,12 @@ def test_regressed_matches_project_down_of_final_hidden(attention):
     visual_dim = 24
     weight = rng.standard_normal((visual_dim, model.config.hidden_size)).astype(np.float32)
     bias = rng.standard_normal(visual_dim).astype(np.float32)
-    graph = build_decoder(model.config, _weights(model), attention, MAX_LENGTH, project_down=(weight, bias))
-    embeds = rng.standard_normal((2, 5, model.config.hidden_size)).astype(np.float32)
+    graph = _build(model, attention, project_down=(weight, bias))
+    feeds = DecoderSpec(_desc(model.config), MAX_LENGTH, attention, visual_dim).sample_inputs(batch=2, sequence=5)
     with torch.no_grad():
-        hidden = model.model(inputs_embeds=torch.from_numpy(embeds)).last_hidden_state[:, -1].numpy()
+        hidden = model.model(inputs_embeds=torch.from_numpy(feeds["inputs_embeds"])).last_hidden_state[:, -1].numpy()
     ref = hidden @ weight.T + bias
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    dims = decoder_dims(model.config)
-    feeds = {"inputs_embeds": embeds, "seqlens_k": np.array([4, 4], np.int32),
-             "total_sequence_length": np.array(5, np.int32)}
-    for i in range(dims.num_layers):
-        for part in ("key", "value"):
-            feeds[f"past_key_values.{i}.{part}"] = np.zeros([2, dims.num_kv_heads, MAX_LENGTH, dims.head_dim],
-                                                           np.float32)
     regressed = session.run(["regressed"], feeds)[0]
     assert regressed.shape == (2, visual_dim)
     np.testing.assert_allclose(regressed, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
@@ -153,7 +153,7 @@ def test_regressed_matches_project_down_of_final_hidden(attention):
 @pytest.mark.parametrize("attention", ["gqa", "standard"])
 def test_graph_passes_checker_and_targets_old_onnxruntime(attention):
     model = build_llm("gqa")
-    graph = build_decoder(model.config, _weights(model), attention, MAX_LENGTH)
+    graph = _build(model, attention)
     onnx.checker.check_model(graph, full_check=True)
     onnx.shape_inference.infer_shapes(graph, strict_mode=True)
     assert graph.ir_version <= 9
@@ -175,9 +175,8 @@ def test_gqa_graph_leaves_no_residual_add_after_onnxruntime_optimizes_it(tmp_pat
     every remaining Add has a constant operand (an epsilon or a bias), and the whole graph
     is no more nodes than the layers need."""
     model = build_llm("gqa")
-    dims = decoder_dims(model.config)
-    graph = build_decoder(model.config, _weights(model), "gqa", MAX_LENGTH,
-                          project_down=(np.ones((8, model.config.hidden_size), np.float32), np.ones(8, np.float32)))
+    dims = _desc(model.config)
+    graph = _build(model, "gqa", project_down=(np.ones((8, model.config.hidden_size), np.float32), np.ones(8, np.float32)))
     assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in graph.graph.node) == 2 * dims.num_layers
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -195,30 +194,30 @@ def test_gqa_graph_leaves_no_residual_add_after_onnxruntime_optimizes_it(tmp_pat
 
 def test_auto_attention_falls_back_for_head_dim_not_multiple_of_16():
     model = build_llm("head24")
-    assert decoder_dims(model.config).head_dim == 24
+    assert _desc(model.config).head_dim == 24
     assert resolve_attention("auto", 24) == "standard"
     assert resolve_attention("auto", 32) == "gqa"
     with pytest.raises(DecoderExportError, match="head_dim % 16"):
-        build_decoder(model.config, _weights(model), "gqa", MAX_LENGTH)
-    graph = build_decoder(model.config, _weights(model), "auto", MAX_LENGTH)
+        _build(model, "gqa")
+    graph = _build(model, "auto")
     assert not any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
 
 
 def test_unsupported_rope_type_is_refused():
     model = build_llm("gqa", rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(DecoderExportError, match="supported: default, llama3"):
-        build_decoder(model.config, _weights(model), "standard", MAX_LENGTH)
+        _build(model, "standard")
 
 
 def test_external_data_above_threshold(tmp_path):
     model = build_llm("gqa", seed=4)
-    graph = build_decoder(model.config, _weights(model), "gqa", MAX_LENGTH)
+    graph = _build(model, "gqa")
     reference = OnnxDecoder(graph, model.config)
     out = tmp_path / "bundle"
     with BundleWriter(out, external_data_threshold=1000, log=lambda *_: None) as writer:
-        spec = writer.add_graph("decoder", graph)
+        dims = _desc(model.config)
+        spec = writer.add_graph("decoder", graph, DecoderSpec(dims, MAX_LENGTH, "gqa"))
         writer.write_tokenizer(_tiny_tokenizer())
-        dims = decoder_dims(model.config)
         writer.finish(ModelSpec(family="llm", vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, max_length=MAX_LENGTH,
                                 kv=KVSpec(dims.num_layers, dims.num_kv_heads, dims.head_dim, attention="gqa")))
     assert spec.external_data and spec.external_data[0]["file"] == "decoder.onnx.data"
@@ -241,7 +240,8 @@ def _tiny_tokenizer():
 
 
 def _embed_session(model, image_token_id=None, project_up=None):
-    graph = build_embed(_weights(model), model.config, image_token_id=image_token_id, project_up=project_up)
+    source = from_model(model)
+    graph = build_embed(source.description, source.weights, image_token_id=image_token_id, project_up=project_up)
     onnx.checker.check_model(graph, full_check=True)
     assert graph.ir_version <= 9
     return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -289,3 +289,92 @@ def test_embed_splices_projected_images_in_row_major_order():
     # A count that differs from the image tokens is an error, never a silent misplacement.
     with pytest.raises(Exception, match="ScatterND|updates"):
         session.run(None, {"input_ids": ids, "image_embeds": images[:4]})
+
+
+# -- adapters: one canonical decoder, several source layouts ------------------------------
+
+
+def _emu3_folder(path):
+    """A tiny random Emu3ForConditionalGeneration saved as transformers saves it."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vq = dict(codebook_size=16, embed_dim=8, latent_channels=8, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, attn_resolutions=[], temporal_downsample_factor=1)
+    torch.manual_seed(9)
+    model = Emu3ForConditionalGeneration(Emu3Config(text_config=text, vq_config=vq, vocabulary_map={"<image>": 5}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "text_model" in name or "lm_head" in name:
+                p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return path
+
+
+def test_emu3_adapter_maps_the_text_model_onto_the_decoder(tmp_path):
+    import json
+
+    from transformers import Emu3ForConditionalGeneration
+
+    from emu_edge.export.adapters import open_folder
+
+    folder = _emu3_folder(tmp_path / "emu3")
+    config_json = json.loads((folder / "config.json").read_text())
+    source = open_folder(folder, config_json)
+    assert source.adapter.family == "emu3" and source.description.rope_theta == 1e6
+    assert source.weights.names["layers.1.attn.q.weight"] == "text_model.model.layers.1.self_attn.q_proj.weight"
+    desc = source.description
+    embed = ort.InferenceSession(build_embed(desc, source.weights).SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    dec = OnnxDecoder(build_decoder(desc, source.weights, "gqa", MAX_LENGTH), source.config)
+    ids = np.random.default_rng(3).integers(3, desc.vocab_size, (1, 12))
+    reference = Emu3ForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        ref = reference(input_ids=torch.from_numpy(ids)).logits[0].numpy()
+    embeds = embed.run(None, {"input_ids": ids})[0]
+    _assert_close(dec.run(embeds[:, :9])[0], ref[8], "emu3 prefill")
+    for t in range(9, 12):
+        _assert_close(dec.run(embeds[:, t:t + 1])[0], ref[t], f"emu3 step {t}")
+
+
+def test_export_hf_refuses_what_it_does_not_export_yet(tmp_path, capsys):
+    from emu_edge.cli import main
+    from tiny_models import build_tokenizer
+
+    folder = _emu3_folder(tmp_path / "emu3")
+    build_tokenizer(300).save(str(folder / "tokenizer.json"))
+    assert main(["export-hf", "--llm", str(folder), "--out", str(tmp_path / "b")]) == 1
+    assert "emu3 family is not exported yet" in capsys.readouterr().err
+    (folder / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}')
+    assert main(["export-hf", "--llm", str(folder), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "MistralForCausalLM" in err and all(a in err for a in ADAPTERS)
+    assert not (tmp_path / "b").exists()
+
+
+def test_qwen2_sliding_window_and_qk_norm_are_refused():
+    from dataclasses import replace
+
+    from tiny_models import qwen2_config
+
+    qwen2 = ADAPTERS["Qwen2ForCausalLM"]
+    assert qwen2.describe(qwen2_config(sliding_window=4096)).qkv_bias   # window set, unused: fine
+    with pytest.raises(DecoderExportError, match="sliding-window attention"):
+        qwen2.describe(qwen2_config(use_sliding_window=True, sliding_window=16, max_window_layers=1))
+    with pytest.raises(DecoderExportError, match="q/k-norm"):
+        replace(_desc(llm_config("gqa")), qk_norm=True).check()
+
+
+def test_specs_declare_the_axes_their_graphs_have():
+    from emu_edge.export.specs import EmbedSpec
+
+    model = build_llm("gqa")
+    source = from_model(model)
+    for spec, graph in [(DecoderSpec(source.description, MAX_LENGTH, "gqa"), _build(model, "gqa")),
+                        (EmbedSpec(source.description, MAX_LENGTH), build_embed(source.description, source.weights))]:
+        axes = {v.name: {i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
+                for v in list(graph.graph.input) + list(graph.graph.output)}
+        assert spec.dynamic_axes() == {k: v for k, v in axes.items() if v}
+        session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        session.run(None, spec.sample_inputs(batch=2))

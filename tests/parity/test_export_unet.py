@@ -13,7 +13,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from emu_edge.export.trt_check import check_graph
-from emu_edge.export.unet import _batch_free_target, build_unet, optimize_unet_graph
+from emu_edge.export.specs import UNetSpec
+from emu_edge.export.unet import _batch_free_target, optimize_unet_graph
 
 
 def _tiny_unet(sample_size: int = 16):
@@ -44,18 +45,14 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 @pytest.fixture(scope="module")
 def exported():
     unet = _tiny_unet()
-    model, profiles = build_unet(unet, n_query=6)
-    traced, _ = build_unet(unet, n_query=6, optimize=False)
-    return unet, model, traced, profiles
+    spec = UNetSpec.for_unet(unet, n_query=6)
+    return unet, spec.build(unet), spec.build(unet, optimize=False), spec
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 6])
 def test_optimized_graph_matches_diffusers(exported, batch):
-    unet, model, _, _ = exported
-    rng = np.random.default_rng(batch)
-    feeds = {"sample": rng.standard_normal((batch, 3, 16, 16)).astype(np.float32),
-             "timestep": rng.uniform(0, 999, batch).astype(np.float32),
-             "encoder_hidden_states": rng.standard_normal((batch, 6, 24)).astype(np.float32)}
+    unet, model, _, spec = exported
+    feeds = spec.sample_inputs(batch, seed=batch)
     with torch.no_grad():
         want = unet(*(torch.from_numpy(feeds[k]) for k in ("sample", "timestep")),
                     encoder_hidden_states=torch.from_numpy(feeds["encoder_hidden_states"])).sample.numpy()
@@ -65,7 +62,7 @@ def test_optimized_graph_matches_diffusers(exported, batch):
 
 
 def test_rewrites_took_effect(exported):
-    _, model, traced, profiles = exported
+    _, model, traced, spec = exported
     ops, before = Counter(n.op_type for n in model.graph.node), Counter(n.op_type for n in traced.graph.node)
     # Both upsamplers are sub-pixel convolutions, every GroupNorm affine one node.
     assert ops["Resize"] == 0 and before["Resize"] == 2
@@ -74,7 +71,7 @@ def test_rewrites_took_effect(exported):
     # Shape bookkeeping is gone: what is left of it serves the timestep broadcast.
     assert ops["Shape"] <= 2 < before["Shape"]
     assert len(model.graph.node) < 0.6 * len(traced.graph.node)
-    assert not check_graph(model, profiles, "unet"), "the graph must stay buildable by TensorRT"
+    assert not check_graph(model, spec.profiles(), "unet"), "the graph must stay buildable by TensorRT"
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     onnx.checker.check_model(model, full_check=True)
 

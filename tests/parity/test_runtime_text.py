@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import LLM_PRESETS, make_llm_folder
+from tiny_models import LLM_PRESETS, make_llm_folder, make_qwen2_folder
 from emu_edge.cli import main as cli_main
 from emu_edge.runtime.backends import BackendError, create_backend
 from emu_edge.runtime.bundle import Bundle, BundleError
@@ -85,6 +85,26 @@ def test_greedy_matches_transformers_token_for_token(preset, attention, llm_fold
     pipe = Pipeline.load(bundles(preset, attention), threads=2)
     expected = "gqa" if attention == "gqa" or (attention == "auto" and preset != "head24") else "standard"
     assert pipe.manifest.model.kv.attention == expected
+    assert pipe.generate_ids(prompt, NEW_TOKENS, ignore_eos=True) == ref
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory):
+    return make_qwen2_folder(tmp_path_factory.mktemp("qwen2") / "llm")
+
+
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_qwen2_greedy_matches_transformers_token_for_token(attention, qwen2_folder, tmp_path):
+    """A second architecture through the same command: Qwen2's q/k/v biases come in by its
+    adapter (export/adapters.py), the graph and runtime are the Llama ones."""
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(qwen2_folder).eval()
+    prompt, ref = _varied_prompt(model, seed0=40)
+    assert export(qwen2_folder, tmp_path / "bundle", "--attention", attention) == 0
+    pipe = Pipeline.load(tmp_path / "bundle", threads=2)
+    assert pipe.manifest.model.architecture == "Qwen2ForCausalLM"
+    assert pipe.manifest.model.kv.attention == attention
     assert pipe.generate_ids(prompt, NEW_TOKENS, ignore_eos=True) == ref
 
 
