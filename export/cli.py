@@ -76,7 +76,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, attention: str = 
             llm=llm, attention=attention, max_length=llm.max_length(max_length or config["max_length"]),
             project_down=(proj["project_down.weight"], proj["project_down.bias"]),
             project_up=(proj["project_up.weight"], proj["project_up.bias"]),
-            image_token_id=layout.token_id(layout.placeholder), vision=ck / "vision", unet=ck / "unet",
+            image_token_id=layout.placeholder_id, vision=ck / "vision", unet=ck / "unet",
             n_query=n_query, frame_n_query=frame_n_query, judge=ck / "judge.onnx")
         fields = export_recipe("emu2", writer, inputs)
         writer.write_tokenizer(ck / "tokenizer.json")

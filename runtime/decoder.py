@@ -141,8 +141,7 @@ class DecoderSession:
         self.backend, self.embed_backend = decoder, embed
         self.spec, self.embed_spec = manifest.role("decoder"), manifest.role("embed")
         self.model = model = manifest.model
-        layout = model.prompt
-        self.placeholder = layout.token_id(layout.placeholder) if layout is not None and layout.placeholder else None
+        self.placeholder = model.prompt.placeholder_id if model.prompt is not None else None
         self.cache = KVCache(decoder, model.kv, batch, max_length)
         self.batch, self.max_length = batch, max_length
         name = self.spec.name

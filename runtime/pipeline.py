@@ -181,8 +181,8 @@ class Pipeline:
     def embed(self, input_ids: np.ndarray, visual: np.ndarray | None = None) -> np.ndarray:
         """The embedding step: ids [B, S] (+ [N, visual_dim] for the N placeholders) -> [B, S, H]."""
         layout = self.manifest.model.prompt
-        placeholder = layout.token_id(layout.placeholder) if layout is not None and layout.placeholder else None
-        return embed_ids(self.backends["embed"], self.manifest.role("embed"), input_ids, visual, placeholder)
+        return embed_ids(self.backends["embed"], self.manifest.role("embed"), input_ids, visual,
+                         layout.placeholder_id if layout is not None else None)
 
     # -- the text verbs (every family) -----------------------------------------------------
 

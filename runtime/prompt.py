@@ -103,6 +103,11 @@ class PromptLayout:
     def token_id(self, name: str) -> int | None:
         return self.tokens.get(name)
 
+    @property
+    def placeholder_id(self) -> int | None:
+        """The id whose positions take visual embeddings (None: a layout without one)."""
+        return self.tokens.get(self.placeholder) if self.placeholder else None
+
 
 def emu2_layout(token_ids: dict[str, int]) -> PromptLayout:
     """Emu2's layout over a tokenizer's ids for its eight special tokens."""
@@ -143,7 +148,7 @@ class PromptBuilder:
         self._parts: dict[str, list[int]] = {}
         for key in ("begin", "end", "user", "assistant", "image", "frame", "generate_image"):
             self._parts[key] = self._expand(getattr(layout, key))
-        self.placeholder_id = layout.token_id(layout.placeholder) if layout.placeholder else None
+        self.placeholder_id = layout.placeholder_id
         self.begin_ids = self._parts["begin"]
 
     def _expand(self, parts: list) -> list[int]:
