@@ -25,15 +25,6 @@ from emu_edge.runtime.manifest import KVSpec, ModelSpec
 MAX_LENGTH = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The models here are tiny: a second thread only adds synchronisation (and, on a busy
-    # 2-core machine, waits for a core).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _desc(config):
     return ADAPTERS["LlamaForCausalLM"].describe(config)

@@ -21,16 +21,6 @@ from emu_edge.runtime.manifest import KVSpec
 from emu_edge.runtime.pipeline import Pipeline
 
 NEW_TOKENS = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The models here are tiny: a second thread only adds synchronisation (and, on a busy
-    # 2-core machine, waits for a core).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 EXPORTS = [(p, "auto") for p in LLM_PRESETS] + [("gqa", "standard")]
 
 
