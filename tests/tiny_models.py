@@ -1,4 +1,4 @@
-"""Tiny models from the real classes, for tests: Hugging Face Llama and Qwen2 folders.
+"""Tiny models from the real classes, for tests: Hugging Face Llama and Qwen2 folders, Emu3's VQ-VAE.
 
 `make_llm_folder(path, preset)` writes what `emu-edge export-hf --llm` reads: config.json,
 model.safetensors, generation_config.json and a tokenizer.json built with `tokenizers`.
@@ -117,3 +117,41 @@ def make_llm_folder(path: Path, preset: str, seed: int = 0, **overrides) -> Path
     model.save_pretrained(path)
     build_tokenizer(model.config.vocab_size).save(str(path / "tokenizer.json"))
     return path
+
+
+# -- Emu3's VQ-VAE -------------------------------------------------------------------------
+
+# Channels are multiples of 32 (GroupNorm(32)); latent_channels == embed_dim (the decoder
+# runs its codes and their embeddings through one temporal stack, concatenated on the
+# batch axis); the attention width equals the channels at every attention level.
+VQ_PRESETS: dict[str, dict] = {
+    # spatial factor 2, temporal factor 2 (one temporal down/upsampling), attention at level 1
+    "f2": dict(codebook_size=64, embed_dim=4, latent_channels=4, temporal_downsample_factor=2,
+               base_channels=32, channel_multiplier=[1, 2], attn_resolutions=[1], hidden_size=64),
+    # spatial factor 4, temporal factor 4 (Emu3's own), two attention heads in the middle blocks
+    "f4": dict(codebook_size=96, embed_dim=8, latent_channels=8, temporal_downsample_factor=4,
+               base_channels=32, channel_multiplier=[1, 1, 2], attn_resolutions=[], hidden_size=64,
+               num_attention_heads=2),
+}
+
+
+def build_vq(preset: str, seed: int = 0):
+    """A random Emu3VQVAE (num_res_blocks 1), eval mode. Norm affines and BatchNorm3d
+    statistics are random too (defaults of ones and zeros would hide a dropped or misplaced
+    norm), and the codebook is drawn at the scale of the encoder's outputs, so codes are
+    spread over it rather than decided by float32 near-ties."""
+    import torch
+    from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+    torch.manual_seed(seed)
+    model = Emu3VQVAE(Emu3VQVAEConfig(num_res_blocks=1, **VQ_PRESETS[preset])).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.BatchNorm3d)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.normal_(0.0, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+        model.quantize.embedding.weight.normal_(0.0, 1.0)
+    return model
