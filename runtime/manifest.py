@@ -5,7 +5,7 @@ them, so the two sides cannot drift. Keys this version does not know are kept an
 back unchanged (a newer exporter's additions survive a round trip through an older tool);
 a schema version this runtime does not read is refused with the versions it does read.
 
-Schema 2 declares the model's family (`model.family`: llm, emu2, later emu3) instead of
+Schema 2 declares the model's family (`model.family`: llm, emu2, emu3) instead of
 leaving the runtime to guess it from which graphs exist; each graph says its role, the
 tensor names the runtime binds for that role, and the precisions it may be turned into;
 the prompt layout is data (runtime.prompt.PromptLayout); family fields live in one object
@@ -293,9 +293,60 @@ class Emu2Spec(_Spec):
         return {"n_query": self.n_query, "frame_n_query": self.frame_n_query}
 
 
+@dataclass
+class Emu3Spec(_Spec):
+    """An Emu3-style model's visual side: an image is h x w VQ codes, written into the one
+    vocabulary as visual token ids, each row followed by EOL:
+
+        BOI "{h}*{w}" IMAGE_WRAPPER (h rows of w visual ids, EOL) EOF EOI
+
+    Code c is token id `visual_token_start + c` (0 <= c < codebook_size). Every id here is
+    the tokenizer's own (tokenizer.json's added tokens), never a constant of ours."""
+
+    visual_token_start: int        # id of <|visual token 000000|>
+    eol_token_id: int              # <|extra_200|>: ends each row of codes
+    eof_token_id: int              # <|extra_201|>: ends the codes
+    boi_token_id: int              # <|image start|>
+    eoi_token_id: int              # <|image end|>
+    image_wrapper_token_id: int    # <|image token|>: between "{h}*{w}" and the codes
+    spatial_factor: int            # pixels per code along each side (the VQ-VAE's)
+    temporal_factor: int           # frames per temporal code (an image is repeated this often)
+    codebook_size: int             # = the number of visual tokens
+    # The image processor (Emu3ImageProcessor): pixels are resized so that both sides are
+    # multiples of resize_factor and their product lies in [min_pixels, max_pixels], the
+    # aspect ratio kept (transformers' smart_resize), then x * rescale_factor, then
+    # (x - mean) / std per channel.
+    resize_factor: int
+    min_pixels: int
+    max_pixels: int
+    resample: str                  # PIL filter name
+    rescale_factor: float
+    image_mean: list[float]
+    image_std: list[float]
+    image_area: int                # pixels of a generated image (Emu3Processor's image_area)
+    image_token_id: int | None = None   # <image>: the processor's placeholder, if the tokenizer has it
+    unknown_keys: dict = _unknown_field()
+
+    _positive = ("spatial_factor", "temporal_factor", "codebook_size", "resize_factor", "min_pixels", "max_pixels",
+                 "image_area")
+
+    def validate(self, where: str) -> None:
+        if self.resize_factor % self.spatial_factor:
+            raise ManifestError(f"{where}.resize_factor {self.resize_factor} is not a multiple of the spatial "
+                                f"factor {self.spatial_factor}: resized images would not be whole codes")
+        if self.min_pixels > self.max_pixels:
+            raise ManifestError(f"{where}.min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        for key in ("image_mean", "image_std"):
+            if len(getattr(self, key)) != 3:
+                raise ManifestError(f"{where}.{key} must hold 3 values (RGB), got {getattr(self, key)}")
+
+    def visual_ids(self) -> range:
+        return range(self.visual_token_start, self.visual_token_start + self.codebook_size)
+
+
 # family -> the ModelSpec field holding its own settings (None: the text fields suffice).
 # A new family adds its spec class and one entry here.
-FAMILY_FIELDS: dict[str, str | None] = {"llm": None, "emu2": "emu2"}
+FAMILY_FIELDS: dict[str, str | None] = {"llm": None, "emu2": "emu2", "emu3": "emu3"}
 
 
 def _prompt_layout(data, where):
@@ -310,7 +361,7 @@ class ModelSpec(_Spec):
     """What the runtime needs to know about the model besides the graphs: the text fields
     every family has, the prompt layout, and the family's own object."""
 
-    family: str                    # llm | emu2 (FAMILY_FIELDS)
+    family: str                    # llm | emu2 | emu3 (FAMILY_FIELDS)
     vocab_size: int
     hidden_size: int
     max_length: int                # positions the decoder's rotary tables cover
@@ -323,9 +374,11 @@ class ModelSpec(_Spec):
     architecture: str | None = None
     source: dict = field(default_factory=dict)    # where the weights came from
     emu2: Emu2Spec | None = None
+    emu3: Emu3Spec | None = None
     unknown_keys: dict = _unknown_field()
 
-    _nested = {"kv": KVSpec.from_dict, "prompt": _prompt_layout, "emu2": Emu2Spec.from_dict}
+    _nested = {"kv": KVSpec.from_dict, "prompt": _prompt_layout, "emu2": Emu2Spec.from_dict,
+               "emu3": Emu3Spec.from_dict}
     _positive = ("vocab_size", "hidden_size", "max_length")
 
     def validate(self, where: str) -> None:
