@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from emu_edge.export.base import ExportSpec
 from emu_edge.export.decoder import DecoderDescription, resolve_attention
 from emu_edge.export.target import MAX_BATCH, profile
 
@@ -39,27 +40,6 @@ class ExportInputs:
     frame_n_query: int = 4
     judge: Path | None = None
     log: object = field(default=print)
-
-
-class ExportSpec:
-    role: str
-    names: dict[str, str]               # what the runtime binds -> tensor name ({layer} per layer)
-    precisions: tuple[str, ...]         # what quantize may turn the graph into
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {}
-
-    def profiles(self) -> dict:
-        return {}
-
-    def sample_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-        return {}
-
-    def optimize(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        return model
-
-    def add_to(self, writer, model: onnx.ModelProto):
-        return writer.add_graph(self.role, model, self)
 
 
 # -- embed ---------------------------------------------------------------------------------

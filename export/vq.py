@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from emu_edge.export.specs import ExportSpec
+from emu_edge.export.base import ExportSpec
 from emu_edge.export.target import MAX_BATCH, profile
 
 
