@@ -1,4 +1,5 @@
-"""Tiny models from the real classes, for tests: Hugging Face Llama and Qwen2 folders, Emu3's VQ-VAE.
+"""Tiny models from the real classes, for tests: Hugging Face Llama and Qwen2 folders, Emu3's
+VQ-VAE and whole Emu3ForConditionalGeneration folders (`make_emu3_folder`).
 
 `make_llm_folder(path, preset)` writes what `emu-edge export-hf --llm` reads: config.json,
 model.safetensors, generation_config.json and a tokenizer.json built with `tokenizers`.
@@ -155,3 +156,81 @@ def build_vq(preset: str, seed: int = 0):
                 module.running_var.uniform_(0.5, 1.5)
         model.quantize.embedding.weight.normal_(0.0, 1.0)
     return model
+
+
+# -- Emu3: one Emu3ForConditionalGeneration folder -----------------------------------------
+
+# The VQ preset and the text model's attention: "f2" MHA with head size 16 (the decoder
+# exports with GroupQueryAttention), "f4" GQA with head size 24 (standard attention).
+EMU3_PRESETS: dict[str, dict] = {
+    "f2": dict(vq="f2", hidden_size=64, num_attention_heads=4, num_key_value_heads=4),
+    "f4": dict(vq="f4", hidden_size=96, num_attention_heads=4, num_key_value_heads=2),
+}
+EMU3_TEXT_WORDS = 128            # ids 0..127: the specials, then w3 .. w127
+# Emu3's own names (transformers' Emu3Processor and Emu3ImageVocabularyMapping look them up)
+EMU3_SPECIAL = ["<|image start|>", "<|image end|>", "<|image token|>", "<|extra_200|>", "<|extra_201|>", "<image>"]
+EMU3_VISUAL_START = 140          # a gap after the specials, so no id is right by coincidence
+EMU3_VOCAB_SIZE = 256
+
+
+def visual_token(code: int) -> str:
+    return f"<|visual token {code:06d}|>"
+
+
+def build_emu3_tokenizer(codebook_size: int):
+    """build_tokenizer's words, Emu3's special tokens from id 128, and the visual tokens
+    (one per code) from id EMU3_VISUAL_START, all as added special tokens, as Emu3's own
+    tokenizer.json holds them."""
+    from tokenizers import AddedToken
+
+    tok = build_tokenizer(EMU3_TEXT_WORDS)
+    for name in EMU3_SPECIAL:
+        tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+    for i in range(EMU3_TEXT_WORDS + len(EMU3_SPECIAL), EMU3_VISUAL_START):   # fillers up to the visual range
+        tok.add_special_tokens([AddedToken(f"<|extra_{i}|>", special=True, normalized=False)])
+    tok.add_special_tokens([AddedToken(visual_token(c), special=True, normalized=False) for c in range(codebook_size)])
+    assert tok.token_to_id(visual_token(0)) == EMU3_VISUAL_START
+    assert tok.get_vocab_size() <= EMU3_VOCAB_SIZE
+    return tok
+
+
+def build_emu3(preset: str, seed: int = 0):
+    """A random Emu3ForConditionalGeneration, eval mode, with its tokenizer: the text model
+    as build_llm makes it (decisive logits), the VQ-VAE as build_vq makes it."""
+    import torch
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+    settings = dict(EMU3_PRESETS[preset])
+    vq = build_vq(settings.pop("vq"), seed)
+    tok = build_emu3_tokenizer(vq.config.codebook_size)
+    text = dict(vocab_size=EMU3_VOCAB_SIZE, intermediate_size=128, num_hidden_layers=2, rms_norm_eps=1e-5,
+                max_position_embeddings=512, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                **settings)
+    config = Emu3Config(text_config=text, vq_config=vq.config.to_dict(), vocabulary_map=tok.get_vocab())
+    config.architectures = ["Emu3ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Emu3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("model.vqmodel."):
+                p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        model.lm_head.weight.mul_(5.0)
+    model.model.vqmodel.load_state_dict(vq.state_dict())
+    return model, tok
+
+
+EMU3_GENERATION = dict(do_sample=True, top_k=64, max_new_tokens=300, guidance_scale=3.0)
+
+
+def make_emu3_folder(path: Path, preset: str, seed: int = 0) -> Path:
+    """save_pretrained of build_emu3's model, its tokenizer.json and a generation_config.json
+    (no processor config: the exporter falls back to the processor's defaults)."""
+    from transformers import GenerationConfig
+
+    path = Path(path)
+    model, tok = build_emu3(preset, seed)
+    model.generation_config = GenerationConfig(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                                               **EMU3_GENERATION)
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    return path
