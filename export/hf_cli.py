@@ -1,13 +1,21 @@
 """`emu-edge export-hf`: Hugging Face folders -> a bundle.
 
-    emu-edge export-hf --llm DIR [--vision DIR] [--unet DIR] --out BUNDLE
+    emu-edge export-hf DIR [--vision DIR] [--unet DIR] --out BUNDLE
                        [--attention auto|gqa|standard] [--max-length N]
+    (--llm DIR is the older spelling of DIR)
 
-`--llm` takes a transformers causal LM folder (config.json, *.safetensors, tokenizer.json)
-of an architecture export/adapters.py knows (Llama, Qwen2) and writes embed.onnx and
-decoder.onnx; with --vision and --unet the bundle is an emu2 one. What is written is the
-family's recipe (export/specs.py), one spec per graph. Weights are read per tensor with
-safetensors; the model class is never instantiated.
+DIR is a transformers folder (config.json, *.safetensors, tokenizer.json) whose
+`architectures` export/adapters.py knows; its adapter's family picks the recipe
+(export/specs.py, one spec per graph):
+
+    LlamaForCausalLM, Qwen2ForCausalLM   llm: embed.onnx, decoder.onnx; with --vision and
+                                         --unet, an emu2 bundle
+    Emu3ForConditionalGeneration         emu3: embed, decoder (the text model), vq_encoder,
+                                         vq_decoder; the image settings from the folder's
+                                         own files (export/emu3_folder.py)
+
+Decoder weights are read per tensor with safetensors; the model class is never
+instantiated (Emu3's VQ-VAE is: the tracer needs its modules).
 """
 
 from __future__ import annotations
@@ -17,8 +25,10 @@ from pathlib import Path
 
 from emu_edge.export.adapters import ADAPTERS, DecoderSource, open_folder
 from emu_edge.export.bundle_writer import BundleWriter
+from emu_edge.export.emu3_folder import read_emu3_folder
 from emu_edge.export.specs import ExportInputs, export_recipe
-from emu_edge.runtime.manifest import Emu2Spec, KVSpec, ModelSpec
+from emu_edge.export.vq import load_vqmodel
+from emu_edge.runtime.manifest import Emu2Spec, Emu3Spec, KVSpec, ModelSpec
 from emu_edge.runtime.prompt import emu2_layout
 
 DEFAULT_MAX_LENGTH = 4096
@@ -29,8 +39,10 @@ class ExportError(RuntimeError):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--llm", required=True, type=Path,
-                        help="a transformers causal LM folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("folder", nargs="?", type=Path,
+                        help="a transformers folder (config.json, *.safetensors, tokenizer.json): a causal LM "
+                             "(Llama, Qwen2) or an Emu3ForConditionalGeneration")
+    parser.add_argument("--llm", type=Path, help="the same as FOLDER (the older spelling)")
     parser.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
     parser.add_argument("--attention", choices=("auto", "gqa", "standard"), default="auto",
                         help="decoder attention: onnxruntime's GroupQueryAttention (gqa), standard ONNX "
@@ -48,24 +60,37 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """Errors reach emu_edge.cli, which prints them as one line."""
-    sources = [p for p in (args.llm, args.vision, args.unet) if p is not None]
+    if (args.folder is None) == (args.llm is None):
+        raise ExportError("give the folder to export once: emu-edge export-hf DIR --out BUNDLE (or --llm DIR)")
+    folder = args.folder or args.llm
+    sources = [p for p in (folder, args.vision, args.unet) if p is not None]
     with BundleWriter(args.out, overwrite=args.overwrite, sources=sources) as writer:
         print(f"exporting to {writer.out}")
-        llm = load_llm(args.llm)
+        llm = load_llm(folder)
         inputs = ExportInputs(llm=llm, attention=args.attention, max_length=llm.max_length(args.max_length))
-        family = "llm"
+        family = llm.source.adapter.family
+        emu3 = None
         if args.vision is not None or args.unet is not None:
+            if family != "llm":
+                raise ExportError(f"--vision and --unet make an emu2 bundle around a causal LM; {folder} is a "
+                                  f"{llm.source.architecture} folder, exported to the {family} family on its own")
             if args.vision is None or args.unet is None:
                 raise ExportError("an emu2 bundle needs both --vision and --unet (images in and out)")
             family = "emu2"
             inputs.vision, inputs.unet = args.vision, args.unet
             inputs.n_query, inputs.frame_n_query = args.n_query, args.frame_n_query
+        elif family == "emu3":
+            # Read (and checked) before any graph is traced: a bad folder fails in a second.
+            emu3, emu3_sources = read_emu3_folder(llm.folder, llm.config_json)
+            inputs.emu3, inputs.vqmodel = llm.folder, load_vqmodel(llm.folder)
         fields = export_recipe(family, writer, inputs)
         model = dict(fields["model"], family=family)
         if family == "emu2":
             model.update(emu2=Emu2Spec(**fields["emu2"], image_mean=[0.5] * 3, image_std=[0.5] * 3),
-                         prompt=emu2_layout(_special_tokens(Path(args.llm) / "tokenizer.json")))
-        writer.write_tokenizer(Path(args.llm) / "tokenizer.json")
+                         prompt=emu2_layout(_special_tokens(Path(folder) / "tokenizer.json")))
+        if family == "emu3":
+            model.update(emu3=Emu3Spec(**fields["emu3"], **emu3), source=dict(model["source"], **emu3_sources))
+        writer.write_tokenizer(Path(folder) / "tokenizer.json")
         out = writer.finish(ModelSpec(**model))
     print(f"wrote {out}")
     return 0
@@ -99,23 +124,24 @@ class LlmFolder:
             eos_token_id=_token_id(self.generation, config, key="eos_token_id"),
             pad_token_id=_token_id(self.generation, config, key="pad_token_id"),
             generation={k: v for k, v in self.generation.items()
-                        if k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")},
+                        if k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
+                                 "guidance_scale")},
             architecture=self.source.architecture,
             source={"llm": self.folder.name, "rope_parameters": d.rope_parameters},
         )
 
 
-def load_llm(llm_dir: str | Path, family: str = "llm") -> LlmFolder:
-    """An HF causal LM folder whose architecture exports to `family`'s decoder."""
+def load_llm(llm_dir: str | Path, family: str | None = None) -> LlmFolder:
+    """An HF folder with a decoder (a causal LM, Emu3's text model); its adapter says the
+    family of its bundles, which must be `family` where one is asked for."""
     llm_dir = Path(llm_dir)
     if not llm_dir.is_dir():
-        raise ExportError(f"LLM folder {llm_dir} does not exist")
+        raise ExportError(f"folder {llm_dir} does not exist")
     config_json = _read_json(llm_dir / "config.json")
     source = open_folder(llm_dir, config_json)
-    if source.adapter.family != family:
+    if family is not None and source.adapter.family != family:
         raise ExportError(
-            f"{llm_dir} is a {source.architecture} folder, whose bundles are the {source.adapter.family} family: "
-            f"the {source.adapter.family} family is not exported yet (its decoder adapter is in place); "
+            f"{llm_dir} is a {source.architecture} folder, whose bundles are the {source.adapter.family} family; "
             f"{family} bundles take: {', '.join(a for a, x in ADAPTERS.items() if x.family == family)}")
     generation = {}
     if (llm_dir / "generation_config.json").is_file():

@@ -9,6 +9,7 @@ graph and returns the manifest fields it defines ({"model": ..., "emu2": ...}).
 
     llm:   embed, decoder
     emu2:  embed, decoder, vision_encoder, unet, judge (copied from the checkpoint if present)
+    emu3:  embed, decoder, vq_encoder, vq_decoder (export/vq.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import onnx
 from emu_edge.export.base import ExportSpec
 from emu_edge.export.decoder import DecoderDescription, resolve_attention
 from emu_edge.export.target import MAX_BATCH, profile
+from emu_edge.export.vq import VQDecoderSpec, VQEncoderSpec
 
 
 @dataclass
@@ -39,6 +41,8 @@ class ExportInputs:
     n_query: int = 64
     frame_n_query: int = 4
     judge: Path | None = None
+    emu3: Path | None = None            # an Emu3ForConditionalGeneration folder: its VQ-VAE
+    vqmodel: object = None              # that VQ-VAE once loaded (the two VQ specs share it)
     log: object = field(default=print)
 
 
@@ -309,6 +313,7 @@ class JudgeSpec(ExportSpec):
 RECIPES: dict[str, tuple[type[ExportSpec], ...]] = {
     "llm": (EmbedSpec, DecoderSpec),
     "emu2": (EmbedSpec, DecoderSpec, VisionEncoderSpec, UNetSpec, JudgeSpec),
+    "emu3": (EmbedSpec, DecoderSpec, VQEncoderSpec, VQDecoderSpec),
 }
 
 

@@ -15,6 +15,7 @@ of itself and each graph here computes the same numbers with less work:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,6 +40,53 @@ class VQSettings:
         """config: an Emu3VQVAEConfig (an Emu3 folder's `config.vq_config`)."""
         return cls(2 ** (len(config.channel_multiplier) - 1), int(config.temporal_downsample_factor),
                    int(config.codebook_size), int(config.embed_dim))
+
+
+class VQExportError(RuntimeError):
+    """An Emu3 folder's VQ-VAE cannot be read; the message says what is missing."""
+
+
+VQ_PREFIX = "vqmodel."   # where Emu3ForConditionalGeneration.save_pretrained puts the VQ-VAE
+
+
+def load_vqmodel(folder: str | Path):
+    """transformers' Emu3VQVAE of an Emu3ForConditionalGeneration folder, eval mode: built
+    from config.json's vq_config and given only the folder's `vqmodel.*` tensors (the text
+    model, most of the weights, is never loaded into torch)."""
+    from transformers import Emu3Config, Emu3VQVAE
+
+    from emu_edge.export.adapters import SafetensorsFolder
+
+    folder = Path(folder)
+    try:
+        config = Emu3Config.from_pretrained(folder)
+    except Exception as e:  # transformers raises several types for bad values
+        raise VQExportError(f"{folder / 'config.json'} is not a valid Emu3 config: {e}") from e
+    vq = Emu3VQVAE(config.vq_config)
+    files = SafetensorsFolder(folder)
+    expected = vq.state_dict()
+    missing = [k for k in expected if VQ_PREFIX + k not in files]
+    if missing:
+        raise VQExportError(
+            f"{folder} lacks {len(missing)} of the {len(expected)} VQ-VAE tensors its config needs "
+            f"(e.g. {VQ_PREFIX}{missing[0]}); export a folder written by Emu3ForConditionalGeneration.save_pretrained "
+            "with its VQ-VAE")
+    state = {}
+    for name, current in expected.items():
+        value = torch.from_numpy(files[VQ_PREFIX + name]).to(current.dtype)
+        if value.shape != current.shape:
+            raise VQExportError(f"{folder}: {VQ_PREFIX}{name} has shape {list(value.shape)}, its config says "
+                                f"{list(current.shape)}")
+        state[name] = value
+    vq.load_state_dict(state, strict=True)
+    return vq.eval()
+
+
+def _vqmodel(inputs):
+    """The export's VQ-VAE, loaded on first use (both VQ specs read it)."""
+    if inputs.vqmodel is None:
+        inputs.vqmodel = load_vqmodel(inputs.emu3)
+    return inputs.vqmodel
 
 
 class _EncodeGraph(nn.Module):
@@ -124,6 +172,17 @@ class VQEncoderSpec(ExportSpec):
         """vqmodel: transformers' Emu3VQVAE."""
         return _to_graph(_EncodeGraph(vqmodel.eval()), self.sample_inputs(batch=2)["pixel_values"], self)
 
+    @classmethod
+    def export(cls, writer, inputs) -> dict:
+        vq = _vqmodel(inputs)
+        settings = VQSettings.from_config(vq.config)
+        inputs.log(f"  vq encoder: spatial factor {settings.spatial_factor}, temporal factor "
+                   f"{settings.temporal_factor}, codebook {settings.codebook_size} x {settings.embed_dim}")
+        spec = cls(settings)
+        spec.add_to(writer, spec.build(vq))
+        return {"emu3": dict(spatial_factor=settings.spatial_factor, temporal_factor=settings.temporal_factor,
+                             codebook_size=settings.codebook_size)}
+
 
 @dataclass
 class VQDecoderSpec(ExportSpec):
@@ -151,3 +210,11 @@ class VQDecoderSpec(ExportSpec):
     def build(self, vqmodel) -> onnx.ModelProto:
         """vqmodel: transformers' Emu3VQVAE; pixels come out in its own range (no clamping)."""
         return _to_graph(_DecodeGraph(vqmodel.eval()), self.sample_inputs(batch=2)["codes"], self)
+
+    @classmethod
+    def export(cls, writer, inputs) -> dict:
+        vq = _vqmodel(inputs)
+        inputs.log("  vq decoder: codes -> pixels (frame 0 of the temporal upsampling)")
+        spec = cls(VQSettings.from_config(vq.config))
+        spec.add_to(writer, spec.build(vq))
+        return {}

@@ -1,0 +1,109 @@
+"""What an Emu3ForConditionalGeneration folder says about its images, for the manifest's
+`model.emu3` (runtime.manifest.Emu3Spec), besides what the VQ specs read from the VQ-VAE.
+
+    token ids       tokenizer.json's added tokens, by Emu3's names (checked against
+                    config.json's vocabulary_map where it has one)
+    image processor preprocessor_config.json, or processor_config.json's "image_processor";
+                    without either, transformers' Emu3ImageProcessor defaults (the published
+                    processor's: 512^2..1024^2 pixels, factor 8, rescale 1/255, CLIP mean/std)
+    image_area      processor_config.json's, else Emu3Processor's default (518400 = 720^2)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+# Emu3Spec field -> the token's name in Emu3's tokenizer (transformers' Emu3Processor and
+# Emu3ImageVocabularyMapping look up the same names).
+TOKENS = {
+    "eol_token_id": "<|extra_200|>",
+    "eof_token_id": "<|extra_201|>",
+    "boi_token_id": "<|image start|>",
+    "eoi_token_id": "<|image end|>",
+    "image_wrapper_token_id": "<|image token|>",
+}
+PLACEHOLDER = "<image>"            # the processor's image placeholder (optional)
+_VISUAL = re.compile(r"<\|visual token (\d{6})\|>")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+class Emu3FolderError(ValueError):
+    """An Emu3 folder's tokenizer or processor settings are missing or inconsistent."""
+
+
+def read_emu3_folder(folder: Path, config_json: dict) -> tuple[dict, dict]:
+    """-> (Emu3Spec fields other than the VQ-VAE's, {what: the file it came from})."""
+    tokenizer = folder / "tokenizer.json"
+    vocab = _added_tokens(tokenizer)
+    fields, sources = {}, {"tokens": tokenizer.name}
+    missing = [name for name in TOKENS.values() if name not in vocab]
+    if missing:
+        raise Emu3FolderError(f"{tokenizer} lacks Emu3's special token(s) {', '.join(missing)}; "
+                              "an Emu3 folder holds the model's own tokenizer")
+    fields.update({key: vocab[name] for key, name in TOKENS.items()})
+    fields["image_token_id"] = vocab.get(PLACEHOLDER)
+    fields["visual_token_start"] = _visual_range(tokenizer, vocab, _codebook_size(config_json))
+    _check_vocabulary_map(folder, config_json, vocab)
+    processor, sources["processor"] = _image_processor(folder)
+    fields.update(processor)
+    return fields, sources
+
+
+def _added_tokens(path: Path) -> dict[str, int]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Emu3FolderError(f"cannot read {path}: {e}") from e
+    return {t["content"]: t["id"] for t in data.get("added_tokens") or [] if "content" in t and "id" in t}
+
+
+def _codebook_size(config_json: dict) -> int:
+    from transformers import Emu3VQVAEConfig
+
+    return int(Emu3VQVAEConfig(**(config_json.get("vq_config") or {})).codebook_size)
+
+
+def _visual_range(path: Path, vocab: dict[str, int], codebook_size: int) -> int:
+    """The id of visual token 0; the runtime maps code c to start + c, so the range must be
+    contiguous, in code order, one token per code."""
+    codes = {int(m.group(1)): i for name, i in vocab.items() if (m := _VISUAL.fullmatch(name))}
+    if len(codes) != codebook_size:
+        raise Emu3FolderError(f"{path} has {len(codes)} visual tokens (<|visual token NNNNNN|>) but the VQ-VAE's "
+                              f"codebook has {codebook_size} codes")
+    start = codes.get(0)
+    if start is None or any(codes.get(c) != start + c for c in range(codebook_size)):
+        raise Emu3FolderError(f"{path}: the visual tokens are not one contiguous id range in code order "
+                              f"(<|visual token 000000|> is {start})")
+    return start
+
+
+def _check_vocabulary_map(folder: Path, config_json: dict, vocab: dict[str, int]) -> None:
+    """transformers maps codes to ids through config.json's vocabulary_map: it must agree
+    with the tokenizer, or the bundle and transformers would read images differently."""
+    mapping = config_json.get("vocabulary_map") or {}
+    wrong = [name for name in [*TOKENS.values(), PLACEHOLDER] if name in mapping and mapping[name] != vocab.get(name)]
+    wrong += [name for name, i in mapping.items() if _VISUAL.fullmatch(name) and vocab.get(name) != i][:3]
+    if wrong:
+        raise Emu3FolderError(f"{folder / 'config.json'}'s vocabulary_map and tokenizer.json disagree on the id of "
+                              f"{', '.join(wrong)}")
+
+
+def _image_processor(folder: Path) -> tuple[dict, str]:
+    from transformers import Emu3ImageProcessor, Emu3Processor
+
+    found = next((name for name in PROCESSOR_FILES if (folder / name).is_file()), None)
+    # from_pretrained reads either file (the image processor's own settings), and the
+    # class's defaults fill in what the file does not set.
+    processor = Emu3ImageProcessor.from_pretrained(folder) if found else Emu3ImageProcessor()
+    image_area = Emu3Processor.image_area
+    if (folder / "processor_config.json").is_file():
+        image_area = json.loads((folder / "processor_config.json").read_text()).get("image_area", image_area)
+    resample = getattr(processor.resample, "name", str(processor.resample)).lower()
+    mean, std = (processor.image_mean, processor.image_std) if processor.do_normalize else ([0.0] * 3, [1.0] * 3)
+    fields = dict(resize_factor=int(processor.spatial_factor), min_pixels=int(processor.min_pixels),
+                  max_pixels=int(processor.max_pixels), resample=resample,
+                  rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
+                  image_mean=[float(v) for v in mean], image_std=[float(v) for v in std], image_area=int(image_area))
+    return fields, found or "Emu3ImageProcessor defaults"
