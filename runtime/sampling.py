@@ -3,7 +3,11 @@
 The order and semantics follow transformers' logits processors, so a bundle sampled here
 and the PyTorch model sampled with `generate` see the same distribution:
 
-    repetition penalty -> (greedy argmax) | temperature -> top-k -> top-p -> softmax -> draw
+    repetition penalty -> allowed-token mask -> (greedy argmax) | temperature -> top-k -> top-p
+    -> softmax -> draw
+
+The allowed-token mask plays transformers' PrefixConstrainedLogitsProcessor (Emu3's image
+rows: only visual ids inside a row), which runs after the penalty and before the warpers.
 
 Each step is a plain function over a [B, V] array so it can be checked on its own; the
 `Sampler` strings them together and owns the random generator.
@@ -94,6 +98,18 @@ def _check_history(history: list[list[int]], batch: int) -> None:
         raise ValueError(f"history has {len(history)} rows but logits have batch size {batch}")
 
 
+def apply_allowed(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Only the allowed ids stay: the others become -inf. allowed: a bool mask [V] (the same
+    for every row) or [B, V]; a row must allow at least one id."""
+    allowed = np.asarray(allowed)
+    if allowed.dtype != bool or allowed.shape[-1] != logits.shape[-1] or allowed.ndim not in (1, 2):
+        raise ValueError(f"allowed must be a bool mask [vocab] or [batch, vocab] over {logits.shape[-1]} ids, "
+                         f"got {allowed.dtype} {allowed.shape}")
+    if not np.all(allowed.any(axis=-1)):
+        raise ValueError("allowed forbids every id of a row: nothing could be sampled")
+    return np.where(allowed, logits, -np.inf).astype(logits.dtype)
+
+
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return (logits / np.asarray(temperature, dtype=logits.dtype)).astype(logits.dtype)
 
@@ -144,7 +160,9 @@ class Sampler:
         self.config = (config or SamplingConfig()).validate()
         self.rng = np.random.default_rng(self.config.seed)
 
-    def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+    def __call__(self, logits: np.ndarray, history: list[list[int]],
+                 allowed: np.ndarray | None = None) -> np.ndarray:
+        """allowed: an optional bool mask ([V] or [B, V]); ids outside it are never picked."""
         logits = np.asarray(logits)
         if logits.ndim != 2 or logits.shape[1] == 0:
             raise ValueError(f"logits must have shape [batch, vocab], got {logits.shape}")
@@ -157,6 +175,8 @@ class Sampler:
             scores = logits   # nothing to rescale; the steps below never write into it
         else:
             scores = apply_repetition_penalty(logits, history, config.repetition_penalty)
+        if allowed is not None:
+            scores = apply_allowed(scores, allowed)
         if not config.do_sample:
             return scores.argmax(axis=-1).astype(np.int64)
         scores = apply_temperature(scores, config.temperature)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -14,6 +15,7 @@ from emu_edge.runtime.sampling import (
     Sampler,
     SamplingConfig,
     StopChecker,
+    apply_allowed,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
@@ -234,3 +236,32 @@ def test_stop_checker_safe_length_holds_back_partial_stop():
 def test_stop_checker_validation(bad):
     with pytest.raises(ValueError, match="stop"):
         StopChecker(bad)
+
+
+def test_allowed_mask_matches_transformers_prefix_constraint():
+    """A row-wise allowed set, as transformers' PrefixConstrainedLogitsProcessor applies it."""
+    logits = random_logits(20)
+    allowed_ids = [list(range(10, 40)), [5], list(range(0, VOCAB, 3)), [VOCAB - 1, 7]]
+    mask = np.zeros((BATCH, VOCAB), bool)
+    for b, ids in enumerate(allowed_ids):
+        mask[b, ids] = True
+    processor = PrefixConstrainedLogitsProcessor(lambda b, ids: allowed_ids[b], num_beams=1)
+    theirs = processor(torch.zeros((BATCH, 3), dtype=torch.long), torch.from_numpy(logits.copy()))
+    assert_same_scores(apply_allowed(logits, mask), theirs)
+
+
+def test_sampler_never_picks_outside_the_allowed_mask():
+    mask = np.zeros(VOCAB, bool)
+    mask[100:120] = True
+    logits = random_logits(21)
+    logits[:, 0] = 100.0   # the best id overall is not allowed
+    greedy = Sampler()(logits, [[]] * BATCH, allowed=mask)
+    np.testing.assert_array_equal(greedy, logits[:, 100:120].argmax(-1) + 100)
+    drawn = Sampler(SamplingConfig(do_sample=True, top_k=5, seed=3))
+    for _ in range(20):
+        picked = drawn(logits, [[]] * BATCH, allowed=mask)
+        assert np.all((picked >= 100) & (picked < 120))
+    with pytest.raises(ValueError, match="forbids every id"):
+        Sampler()(logits, [[]] * BATCH, allowed=np.zeros(VOCAB, bool))
+    with pytest.raises(ValueError, match="bool mask"):
+        Sampler()(logits, [[]] * BATCH, allowed=np.ones(VOCAB - 1, bool))
