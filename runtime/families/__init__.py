@@ -13,6 +13,7 @@ import importlib
 FAMILIES: dict[str, tuple[str, str]] = {
     "llm": ("emu_edge.runtime.families.llm", "LLM"),
     "emu2": ("emu_edge.runtime.families.emu2", "Emu2"),
+    "emu3": ("emu_edge.runtime.families.emu3", "Emu3"),
 }
 
 

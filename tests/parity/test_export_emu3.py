@@ -149,11 +149,11 @@ def test_vq_graphs_match_the_folders_vqmodel(preset, exported):
     np.testing.assert_allclose(got, image, atol=1e-4, rtol=0)
 
 
-def test_pipeline_names_the_family_it_cannot_run_yet(exported):
+def test_pipeline_opens_the_bundle_with_its_family(exported):
+    from emu_edge.runtime.families.emu3 import Emu3
     from emu_edge.runtime.pipeline import Pipeline
 
-    with pytest.raises(ValueError, match="'emu3'"):
-        Pipeline.load(exported("f2")[1])
+    assert isinstance(Pipeline.load(exported("f2")[1]).family, Emu3)
 
 
 def test_an_llm_folder_exports_through_the_positional_form(llm_folders, tmp_path):

@@ -1,0 +1,264 @@
+"""The Emu3 family: images are discrete visual tokens in the decoder's own vocabulary.
+
+    prompt ──► BOS text BOI "{h}*{w}" IMAGE_WRAPPER ──► decoder (the shared text core's
+    verbs) under a per-position allowed-token mask: w visual ids then EOL, h times, then EOF
+    h x w codes (ids - visual_token_start) ──► vq_decoder ──► pixels ──► PIL image
+
+Classifier-free guidance runs the prompt and the negative prompt as two rows of ONE
+batched decoder session; both rows are fed the same chosen token, and the logits are mixed
+as transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor mixes them.
+
+Written out plainly for this family alone (diffusers' one pipeline per family).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from emu_edge.runtime import text
+from emu_edge.runtime.decoder import ContextTooLongError
+from emu_edge.runtime.sampling import Sampler, SamplingConfig
+
+IMAGE_INPUT_LATER = ("image input for emu3 comes next: this runtime generates images from text and reads text "
+                     "prompts; give the prompt as a string")
+
+
+class Emu3:
+    # Every id a text step samples can be fed back (visual ids are ordinary tokens here).
+    banned_ids: list[int] = []
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        model = pipe.manifest.model
+        self.spec = model.emu3
+        self.bos = [model.bos_token_id] if model.bos_token_id is not None else []
+        visual = np.zeros(model.vocab_size, bool)
+        visual[self.spec.visual_ids().start:self.spec.visual_ids().stop] = True
+        self._visual_mask = visual   # read-only after this: shared by threads
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def _encode(self, prompt: str) -> list[int]:
+        # The processor prepends the BOS text itself and Emu3's tokenizer adds nothing, so
+        # the tokenizer's own start tokens are left out here and BOS is written once.
+        return self.pipe.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def _text(self, items) -> str:
+        if isinstance(items, (list, tuple)):
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError(IMAGE_INPUT_LATER)
+            items = " ".join(item for item in items if item.strip())
+        if not isinstance(items, str):
+            raise ValueError(IMAGE_INPUT_LATER)
+        return items
+
+    def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames):
+        """Token rows for text prompts: BOS + the text, as Emu3Processor writes them."""
+        rows = []
+        for items in batch:
+            prompt = self._text(items)
+            if not prompt.strip():
+                raise ValueError("empty prompt")
+            rows.append(self.bos + self._encode(prompt))
+        return rows, None
+
+    def chat_turn(self, items, video_frames, continuing: bool):
+        """A conversation turn's new ids (BOS on the first turn only)."""
+        prompt = self._text(items)
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        return ([] if continuing else self.bos) + self._encode(prompt), None
+
+    def image_prompt(self, prompt: str, rows: int, cols: int) -> list[int]:
+        """The prompt ids for an image of rows x cols codes, as Emu3Processor writes a
+        generation prompt: BOS, the text, then BOI "{h}*{w}" IMAGE_WRAPPER (h, w in codes)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"an emu3 image prompt is a string (image input comes next), got {type(prompt).__name__}")
+        s = self.spec
+        # Emu3's special tokens split the text, so encoding the pieces apart gives the ids
+        # the processor gets from the whole string.
+        return (self.bos + self._encode(prompt) + [s.boi_token_id] + self._encode(f"{rows}*{cols}")
+                + [s.image_wrapper_token_id])
+
+    # -- image generation ------------------------------------------------------------------
+
+    def image_codes_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Pixels -> codes (rows, cols). None: the bundle's image_area, square (as the
+        processor's default ratio 1:1)."""
+        f = self.spec.spatial_factor
+        if height is None and width is None:
+            side = max(1, round(math.sqrt(self.spec.image_area) / f)) * f
+            height = width = side
+        height = width if height is None else height
+        width = height if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < f:
+                raise ValueError(f"{name} must be an integer number of pixels >= {f} (one code), got {value!r}")
+            if value % f:
+                below = value // f * f
+                nearest = f"{below} or {below + f}"
+                raise ValueError(f"{name} {value} is not a multiple of {f} (the VQ decoder's pixels per code); "
+                                 f"the nearest valid {name}s are {nearest}")
+        return int(height) // f, int(width) // f
+
+    def _check_room(self, prompt_length: int, rows: int, cols: int) -> None:
+        """The prompt and every image token must fit the cache; refused before any step,
+        naming the largest image that fits."""
+        f = self.spec.spatial_factor
+        new = rows * (cols + 1) + 1          # rows of codes + EOL each, then EOF
+        needed = prompt_length + new - 1     # the last token (EOF) is never fed back
+        limit = self.pipe.max_length
+        if needed <= limit:
+            return
+        room = limit - prompt_length         # positions left for rows * (cols + 1)
+        fit_rows = max(0, room // (cols + 1))
+        side = max(0, int((math.sqrt(1 + 4 * max(room, 0)) - 1) // 2))   # n * (n + 1) <= room
+        while (side + 1) * (side + 2) <= room:
+            side += 1
+        largest = (f"{fit_rows * f}x{cols * f} (height x width) at this width, or {side * f}x{side * f} square"
+                   if side else "none: the prompt leaves no room for a row")
+        raise ContextTooLongError(
+            f"a {rows * f}x{cols * f} image is {rows}x{cols} codes, {new} tokens with the row ends and EOF; with "
+            f"the prompt ({prompt_length} tokens) it needs {needed} positions, beyond max_length {limit}. "
+            f"Largest that fits: {largest}")
+
+    def image_defaults(self, guidance: float | None, top_k: int | None, top_p: float | None,
+                       temperature: float | None) -> dict:
+        """The settings given, the rest the bundle's generation defaults (transformers'
+        generation_config names)."""
+        d = self.pipe.manifest.model.generation or {}
+        chosen = {"guidance": d.get("guidance_scale", 1.0) if guidance is None else guidance,
+                  "top_k": d.get("top_k", 0) if top_k is None else top_k,
+                  "top_p": d.get("top_p", 1.0) if top_p is None else top_p,
+                  "temperature": d.get("temperature", 1.0) if temperature is None else temperature}
+        g = chosen["guidance"]
+        if not isinstance(g, (int, float)) or isinstance(g, bool) or not np.isfinite(g) or g < 0:
+            raise ValueError(f"guidance must be a number >= 0 (1 = no guidance), got {g!r}")
+        # top_k 1 is greedy; without sampling in the defaults every choice is greedy too.
+        chosen["do_sample"] = bool(d.get("do_sample", True)) and chosen["top_k"] != 1
+        return chosen
+
+    def generate_image(self, prompt: str, height: int | None = None, width: int | None = None,
+                       guidance: float | None = None, negative_prompt: str | None = None,
+                       top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
+                       seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Image.Image:
+        """An image for a text prompt; height and width in pixels (multiples of the VQ
+        spatial factor). guidance 1 turns classifier-free guidance off; top_k=1 is greedy;
+        None takes the bundle's defaults."""
+        return self.generate_image_batch([prompt], height, width, guidance, negative_prompt, top_k, top_p,
+                                         temperature, seed, progress)[0]
+
+    def generate_image_batch(self, prompts: list[str], height: int | None = None, width: int | None = None,
+                             guidance: float | None = None, negative_prompt: str | None = None,
+                             top_k: int | None = None, top_p: float | None = None,
+                             temperature: float | None = None, seed: int = 0,
+                             progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        """generate_image for several prompts in one batched decode (two rows each with
+        guidance: the prompt and the negative prompt)."""
+        ids = self.image_ids(prompts, height, width, guidance, negative_prompt, top_k, top_p, temperature, seed,
+                             progress)
+        rows, cols = self.image_codes_size(height, width)
+        return self.decode_image_ids(ids, rows, cols)
+
+    def image_ids(self, prompts: list[str], height: int | None = None, width: int | None = None,
+                  guidance: float | None = None, negative_prompt: str | None = None, top_k: int | None = None,
+                  top_p: float | None = None, temperature: float | None = None, seed: int = 0,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """The generated image tokens [B, rows * (cols + 1) + 1]: rows of visual ids each
+        ending in EOL, then EOF (EOI follows implicitly; transformers generates it)."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts is a non-empty list of strings")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        rows, cols = self.image_codes_size(height, width)
+        chosen = self.image_defaults(guidance, top_k, top_p, temperature)
+        sampler = Sampler(SamplingConfig(do_sample=chosen["do_sample"], top_k=chosen["top_k"] if chosen["do_sample"]
+                                         else 0, top_p=chosen["top_p"], temperature=chosen["temperature"],
+                                         seed=seed))
+        cond = [self.image_prompt(p, rows, cols) for p in prompts]
+        guided = chosen["guidance"] != 1   # as transformers: scale 1 adds no unconditional pass
+        if guided:
+            if negative_prompt is None:
+                negative_prompt = (self.pipe.manifest.model.generation or {}).get("negative_prompt", "")
+            prompt_rows = cond + [self.image_prompt(negative_prompt, rows, cols)] * len(cond)
+        else:
+            prompt_rows = cond
+        self._check_room(max(len(r) for r in prompt_rows), rows, cols)
+        n = len(cond)
+        total = rows * (cols + 1) + 1
+        out_ids = np.empty((n, total), np.int64)
+        histories: list[list[int]] = [list(r) for r in cond]
+        s = self.spec
+        with self.pipe.borrow_session(len(prompt_rows)) as session:
+            out = text.prefill(session, prompt_rows)
+            for pos in range(total):
+                # Which ids may come here: a visual id inside a row, EOL at its end, EOF
+                # after the last row (transformers' docs write the same prefix constraint).
+                if pos == total - 1:
+                    forced = s.eof_token_id
+                elif pos % (cols + 1) == cols:
+                    forced = s.eol_token_id
+                else:
+                    forced = None
+                if forced is not None:
+                    # One allowed id: nothing to weigh or draw.
+                    tokens = np.full(n, forced, np.int64)
+                else:
+                    scores = out.logits[:n]
+                    if guided:
+                        scores = cfg_mix(scores, out.logits[n:], chosen["guidance"])
+                    tokens = text.sample(sampler, scores, histories, [], self._visual_mask)
+                out_ids[:, pos] = tokens
+                for b in range(n):
+                    histories[b].append(int(tokens[b]))
+                if progress is not None:
+                    progress(pos + 1, total)
+                if pos == total - 1:
+                    break
+                # The unconditional rows follow the same image: they are fed the chosen token.
+                out = text.decode_step(session, np.concatenate([tokens, tokens]) if guided else tokens)
+        return out_ids
+
+    def decode_image_ids(self, ids: np.ndarray, rows: int, cols: int) -> list[Image.Image]:
+        """Generated image tokens [B, >= rows * (cols + 1)] -> PIL images: the EOL column
+        dropped, ids -> codes, the VQ decoder, then the processor's postprocess."""
+        s = self.spec
+        grid = np.asarray(ids)[:, :rows * (cols + 1)].reshape(-1, rows, cols + 1)
+        if np.any(grid[:, :, cols] != s.eol_token_id):
+            raise ValueError("the image tokens do not end every row with EOL")
+        codes = grid[:, :, :cols] - s.visual_token_start
+        if codes.min() < 0 or codes.max() >= s.codebook_size:
+            raise ValueError("the image tokens hold ids outside the visual range")
+        names = self.pipe.manifest.role("vq_decoder")
+        out = names.name("pixels")
+        pixels = self.pipe.graph("vq_decoder").run({names.name("codes"): np.ascontiguousarray(codes, np.int64)},
+                                                   [out])[out]
+        return [self.postprocess(p) for p in pixels]
+
+    def postprocess(self, pixels: np.ndarray) -> Image.Image:
+        """[3, H, W] in the processor's normalised space -> PIL, as Emu3ImageProcessor's
+        postprocess: x * std + mean, / rescale_factor, clipped, truncated to uint8."""
+        s = self.spec
+        mean = np.asarray(s.image_mean, np.float32)[:, None, None]
+        std = np.asarray(s.image_std, np.float32)[:, None, None]
+        x = np.asarray(pixels, np.float32) * std + mean
+        x = (x.astype(np.float64) / s.rescale_factor).astype(np.float32)
+        return Image.fromarray(np.ascontiguousarray(np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 0)))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def cfg_mix(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
+    """transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor: both log-softmaxed,
+    then scale * (cond - uncond) + uncond."""
+    cond, uncond = log_softmax(cond.astype(np.float32)), log_softmax(uncond.astype(np.float32))
+    return (np.float32(scale) * (cond - uncond) + uncond).astype(np.float32)
+
+
