@@ -100,7 +100,10 @@ def _image_processor(folder: Path) -> tuple[dict, str]:
     image_area = Emu3Processor.image_area
     if (folder / "processor_config.json").is_file():
         image_area = json.loads((folder / "processor_config.json").read_text()).get("image_area", image_area)
-    resample = getattr(processor.resample, "name", str(processor.resample)).lower()
+    # An enum from the class defaults, a plain int when read from a saved config.
+    from PIL import Image
+
+    resample = Image.Resampling(int(processor.resample)).name.lower()
     mean, std = (processor.image_mean, processor.image_std) if processor.do_normalize else ([0.0] * 3, [1.0] * 3)
     fields = dict(resize_factor=int(processor.spatial_factor), min_pixels=int(processor.min_pixels),
                   max_pixels=int(processor.max_pixels), resample=resample,

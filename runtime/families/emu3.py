@@ -1,5 +1,7 @@
 """The Emu3 family: images are discrete visual tokens in the decoder's own vocabulary.
 
+    image ──► smart resize, normalise ──► vq_encoder ──► h x w codes ──► visual ids, EOL
+              per row, wrapped as the processor wraps them (ordinary ids for the text core)
     prompt ──► BOS text BOI "{h}*{w}" IMAGE_WRAPPER ──► decoder (the shared text core's
     verbs) under a per-position allowed-token mask: w visual ids then EOL, h times, then EOF
     h x w codes (ids - visual_token_start) ──► vq_decoder ──► pixels ──► PIL image
@@ -14,6 +16,7 @@ Written out plainly for this family alone (diffusers' one pipeline per family).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -21,10 +24,26 @@ from PIL import Image
 
 from emu_edge.runtime import text
 from emu_edge.runtime.decoder import ContextTooLongError
+from emu_edge.runtime.images import load_image
 from emu_edge.runtime.sampling import Sampler, SamplingConfig
 
-IMAGE_INPUT_LATER = ("image input for emu3 comes next: this runtime generates images from text and reads text "
-                     "prompts; give the prompt as a string")
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The processor's resize rule: both sides multiples of `factor`, the area within
+    [min_pixels, max_pixels], the aspect ratio kept as far as those allow."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"an image's sides may differ by at most 200x, got {width}x{height}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * grow / factor) * factor
+        w = math.ceil(width * grow / factor) * factor
+    return h, w
 
 
 class Emu3:
@@ -47,37 +66,100 @@ class Emu3:
         # the tokenizer's own start tokens are left out here and BOS is written once.
         return self.pipe.tokenizer.encode(prompt, add_special_tokens=False).ids
 
-    def _text(self, items) -> str:
-        if isinstance(items, (list, tuple)):
-            if not all(isinstance(item, str) for item in items):
-                raise ValueError(IMAGE_INPUT_LATER)
-            items = " ".join(item for item in items if item.strip())
-        if not isinstance(items, str):
-            raise ValueError(IMAGE_INPUT_LATER)
-        return items
+    def _segments(self, items) -> list[tuple[str, object]]:
+        """Interleaved items -> ("text", str) and ("image", PIL image) segments. A str is
+        text; a PIL image, an [H, W, C] array or a pathlib.Path is an image."""
+        if isinstance(items, (str, Path, Image.Image, np.ndarray)):
+            items = [items]
+        segs: list[tuple[str, object]] = []
+        for item in items:
+            if isinstance(item, str):
+                if item.strip():
+                    segs.append(("text", item))
+            elif isinstance(item, (list, tuple)) or (isinstance(item, np.ndarray) and item.ndim == 4):
+                raise ValueError("emu3 reads images, not video clips: give the frames you want as single images")
+            else:
+                segs.append(("image", load_image(item)))
+        if not segs:
+            raise ValueError("empty prompt: give at least one non-empty text or image")
+        return segs
+
+    def pieces(self, items) -> list[list[int]]:
+        """Items -> the ids of each, as Emu3Processor writes them: a text as the tokenizer
+        encodes it, an image as its block (encode_images)."""
+        segs = self._segments(items)
+        images = iter(self.encode_images([v for kind, v in segs if kind == "image"]))
+        return [self._encode(value) if kind == "text" else next(images) for kind, value in segs]
 
     def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames):
-        """Token rows for text prompts: BOS + the text, as Emu3Processor writes them."""
+        """Token rows for interleaved prompts: BOS, then the items (the image tokens are
+        ordinary ids: no visual embeddings travel beside the rows). truncate: the oldest
+        items are dropped until the prompt fits."""
+        budget = self.pipe.max_length - max_new_tokens + 1
         rows = []
         for items in batch:
-            prompt = self._text(items)
-            if not prompt.strip():
-                raise ValueError("empty prompt")
-            rows.append(self.bos + self._encode(prompt))
+            pieces = self.pieces(items)
+            while truncate and len(self.bos) + sum(map(len, pieces)) > budget:
+                if len(pieces) == 1:
+                    raise ContextTooLongError(f"even the last item alone needs {len(pieces[0])} tokens, beyond "
+                                              f"the {budget} that max_length {self.pipe.max_length} leaves")
+                pieces = pieces[1:]
+            rows.append(self.bos + [t for piece in pieces for t in piece])
         return rows, None
 
     def chat_turn(self, items, video_frames, continuing: bool):
         """A conversation turn's new ids (BOS on the first turn only)."""
-        prompt = self._text(items)
-        if not prompt.strip():
-            raise ValueError("empty prompt")
-        return ([] if continuing else self.bos) + self._encode(prompt), None
+        return ([] if continuing else self.bos) + [t for piece in self.pieces(items) for t in piece], None
+
+    # -- images in -------------------------------------------------------------------------
+
+    def image_pixels(self, image: Image.Image) -> np.ndarray:
+        """One RGB image -> [1, 3, H, W] as Emu3ImageProcessor prepares it: resized (smart
+        resize, the processor's filter), x * rescale_factor, (x - mean) / std."""
+        s = self.spec
+        height, width = smart_resize(image.height, image.width, s.resize_factor, s.min_pixels, s.max_pixels)
+        # A name ("bicubic"); bundles exported from a saved processor config before the
+        # exporter wrote names hold PIL's number ("3").
+        resample = Image.Resampling(int(s.resample)) if s.resample.isdigit() else Image.Resampling[s.resample.upper()]
+        x = np.asarray(image.resize((width, height), resample=resample))
+        # float64 then float32, mean and std in float32: the processor's own arithmetic
+        x = (x.astype(np.float64) * s.rescale_factor).astype(np.float32)
+        x = (x - np.asarray(s.image_mean, np.float32)) / np.asarray(s.image_std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+
+    def encode_images(self, images: list[Image.Image]) -> list[list[int]]:
+        """Images -> their blocks: BOI "{h}*{w}" IMAGE_WRAPPER, h rows of w visual ids each
+        followed by EOL, EOF, EOI (transformers writes <image> placeholders there and puts
+        the same ids' embeddings in their place)."""
+        if not images:
+            return []
+        s = self.spec
+        graph = self.pipe.graph("vq_encoder")
+        names = self.pipe.manifest.role("vq_encoder")
+        out = names.name("codes")
+        blocks = []
+        for image in images:   # one at a time: sizes differ, and the processor pads, we need not
+            pixels = self.image_pixels(image)
+            # Refused before the encoder runs: a block longer than the whole cache could
+            # never be read, and the encoder's cost grows with the pixels.
+            tokens = (pixels.shape[2] // s.spatial_factor) * (pixels.shape[3] // s.spatial_factor + 1)
+            if tokens > self.pipe.max_length:
+                raise ContextTooLongError(
+                    f"a {image.width}x{image.height} image is resized to {pixels.shape[3]}x{pixels.shape[2]} "
+                    f"(the processor's {s.min_pixels}..{s.max_pixels} pixels), {tokens} image tokens: beyond "
+                    f"max_length {self.pipe.max_length}")
+            codes = graph.run({names.name("pixel_values"): pixels}, [out])[out][0]
+            rows, cols = codes.shape
+            grid = np.concatenate([codes + s.visual_token_start, np.full((rows, 1), s.eol_token_id)], axis=1)
+            blocks.append([s.boi_token_id] + self._encode(f"{rows}*{cols}") + [s.image_wrapper_token_id]
+                          + grid.reshape(-1).astype(int).tolist() + [s.eof_token_id, s.eoi_token_id])
+        return blocks
 
     def image_prompt(self, prompt: str, rows: int, cols: int) -> list[int]:
         """The prompt ids for an image of rows x cols codes, as Emu3Processor writes a
         generation prompt: BOS, the text, then BOI "{h}*{w}" IMAGE_WRAPPER (h, w in codes)."""
         if not isinstance(prompt, str):
-            raise ValueError(f"an emu3 image prompt is a string (image input comes next), got {type(prompt).__name__}")
+            raise ValueError(f"an emu3 image prompt is a string, got {type(prompt).__name__}")
         s = self.spec
         # Emu3's special tokens split the text, so encoding the pieces apart gives the ids
         # the processor gets from the whole string.

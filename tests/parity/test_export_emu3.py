@@ -100,6 +100,7 @@ def test_processor_settings_come_from_the_folder(exported, tmp_path):
     fields, sources = read_emu3_folder(folder, json.loads((folder / "config.json").read_text()))
     assert (fields["min_pixels"], fields["max_pixels"], fields["resize_factor"]) == (4096, 16384, 16)
     assert (fields["image_mean"], fields["image_std"]) == ([0.5] * 3, [0.25] * 3)
+    assert fields["resample"] == "bicubic"   # saved as the int 3: written by its PIL name
     assert sources["processor"] in ("preprocessor_config.json", "processor_config.json")
 
 

@@ -16,6 +16,16 @@ from emu_edge.runtime.decoder import ContextTooLongError
 from emu_edge.runtime.pipeline import Pipeline
 
 
+def PROCESSOR(folder=None):
+    """The image processor settings the test folders save (and transformers' reference uses)."""
+    from transformers import Emu3ImageProcessor
+
+    processor = Emu3ImageProcessor(min_pixels=8 * 8, max_pixels=16 * 16, spatial_factor=8)
+    if folder is not None:
+        processor.save_pretrained(folder)
+    return processor
+
+
 @pytest.fixture(scope="module")
 def emu3(tmp_path_factory):
     """preset -> (Pipeline, transformers model), made on first use."""
@@ -27,7 +37,9 @@ def emu3(tmp_path_factory):
         if preset not in made:
             root = tmp_path_factory.mktemp(f"emu3_rt_{preset}")
             folder = make_emu3_folder(root / "folder", preset)
-            assert cli_main(["export-hf", str(folder), "--out", str(root / "bundle"), "--max-length", "64"]) == 0
+            # small images, so an image prompt fits the tiny cache (the defaults make 512^2+)
+            PROCESSOR(folder)
+            assert cli_main(["export-hf", str(folder), "--out", str(root / "bundle"), "--max-length", "128"]) == 0
             model = Emu3ForConditionalGeneration.from_pretrained(folder).eval()
             made[preset] = Pipeline.load(root / "bundle", threads=1), model
         return made[preset]
@@ -149,12 +161,12 @@ def test_refusals_name_the_valid_sizes(emu3):
     pipe, _ = emu3("f4")
     with pytest.raises(ValueError, match="height 10 is not a multiple of 4.*8 or 12"):
         pipe.generate_image("w5", height=10, width=8)
-    with pytest.raises(ContextTooLongError, match="beyond max_length 64.*Largest that fits: 24x32.*28x28 square"):
+    with pytest.raises(ContextTooLongError, match="beyond max_length 128.*Largest that fits: 52x32.*40x40 square"):
         pipe.generate_image("w5", height=64, width=32)
     with pytest.raises(ValueError, match="guidance"):
         pipe.generate_image("w5", height=8, width=8, guidance=-1)
-    with pytest.raises(ValueError, match="image input for emu3 comes next"):
-        pipe.generate_text([np.zeros((8, 8, 3), np.uint8), "w5"])
+    with pytest.raises(ValueError, match="not video clips"):
+        pipe.generate_text([[np.zeros((8, 8, 3), np.uint8)] * 2, "w5"])
 
 
 @pytest.mark.parametrize("preset", sorted(EMU3_PRESETS))
@@ -168,3 +180,56 @@ def test_plain_text_greedy_equals_transformers(emu3, preset):
                              guidance_scale=1.0)
     assert ours == out[0, len(ids):].tolist()
     assert isinstance(pipe.generate_text("w5 w6 w7 w8", max_new_tokens=4), str)
+
+
+def reference_pixels(image):
+    out = PROCESSOR()(images=[image], return_tensors="pt")
+    return out["pixel_values"], out["image_sizes"]
+
+
+@pytest.mark.parametrize("preset", sorted(EMU3_PRESETS))
+def test_image_prompt_greedy_text_equals_transformers(emu3, preset):
+    """An image then a question: the processor's pixels, the image block's ids, and the
+    greedy answer against transformers' generate with pixel_values (its placeholders
+    filled with the VQ tokens' embeddings)."""
+    from PIL import Image
+
+    pipe, model = emu3(preset)
+    spec = pipe.manifest.model.emu3
+    image = Image.fromarray((np.random.default_rng(1).random((20, 30, 3)) * 255).astype(np.uint8))
+    pixel_values, image_sizes = reference_pixels(image)
+    np.testing.assert_allclose(pipe.family.image_pixels(image), pixel_values.numpy(), atol=1e-5, rtol=0)
+
+    rows = pipe.family.text_prompts([[image, "w5 w6"]], "auto", False, 8, None)[0]
+    ours = rows[0]
+    h, w = (int(v) // spec.spatial_factor for v in image_sizes[0])
+    prompt = [pipe.manifest.model.bos_token_id, spec.boi_token_id] + pipe.family._encode(f"{h}*{w}")
+    prompt += [spec.image_wrapper_token_id] + [spec.image_token_id] * (h * (w + 1))
+    prompt += [spec.eof_token_id, spec.eoi_token_id] + pipe.family._encode("w5 w6")
+    with torch.no_grad():
+        image_ids = model.model.get_image_tokens(pixel_values, image_sizes).tolist()
+    filled = list(prompt)
+    first = prompt.index(spec.image_token_id)
+    filled[first:first + len(image_ids)] = image_ids
+    assert ours == filled
+    assert len(set(image_ids)) > 3   # codes that say something
+
+    got = pipe.generate_ids(ours, max_new_tokens=8)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                             image_sizes=image_sizes, do_sample=False, max_new_tokens=8, guidance_scale=1.0)
+    assert got == out[0, len(prompt):].tolist()
+
+    chat = pipe.conversation()
+    assert chat.ask([image, "w5 w6"], max_new_tokens=8) == pipe.generate_text([image, "w5 w6"], max_new_tokens=8)
+
+
+def test_an_image_too_large_for_the_cache_is_refused_before_encoding(emu3):
+    from PIL import Image
+
+    pipe, _ = emu3("f2")
+    short = Pipeline.load(pipe.bundle, threads=1, max_length=30)
+    # 30x20 pixels -> 16x8 (the processor's max 256 pixels) -> 4 x (8 + EOL) tokens
+    with pytest.raises(ContextTooLongError, match="resized to 16x8 .*36 image tokens: beyond max_length 30"):
+        short.generate_text([Image.new("RGB", (30, 20)), "w5"], max_new_tokens=2)
