@@ -10,8 +10,13 @@
     pipe.generate_image(["a red circle"], steps=25, seed=0)         # -> PIL.Image
     chat = pipe.conversation(); chat.ask([image, "what is in the image?"]); chat.ask(["where is it?"])
 
+    # an emu3 bundle (export-hf of an Emu3ForConditionalGeneration folder) writes images as
+    # visual tokens (sizes in pixels, classifier-free guidance as transformers mixes it):
+    pipe.generate_image("a red circle", height=512, width=512, guidance=3.0, seed=0)
+
 `Pipeline.load` reads the manifest's `model.family` and hands the family's verbs (emu2:
-encode_visuals, regress, denoise, generate_image, ...) through; the text verbs are the
+encode_visuals, regress, denoise, generate_image, ...; emu3: generate_image(_batch),
+image_ids, decode_image_ids, ...) through; the text verbs are the
 same for every family and run the one loop of runtime.text. A Pipeline may be shared by
 threads: each call borrows a decoder session (its own KV cache) from a pool and gets the
 result it would get alone.
@@ -152,7 +157,8 @@ class Pipeline:
             if hasattr(family, name):
                 return getattr(family, name)
             raise FamilyVerbError(f"this bundle's model is of family {self.manifest.model.family!r}, which has no "
-                                 f"{name!r}" + (" (images need an emu2 bundle: emu-edge export CHECKPOINT)"
+                                 f"{name!r}" + (" (images need an emu2 bundle: emu-edge export CHECKPOINT, "
+                                                "or an emu3 one: emu-edge export-hf EMU3_FOLDER)"
                                                 if "image" in name or name in ("regress", "denoise", "autoencode")
                                                 else ""))
         raise AttributeError(name)
