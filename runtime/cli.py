@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,10 +33,46 @@ def _sampling(parser: argparse.ArgumentParser) -> None:
 
 
 def _image_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--scheduler", choices=("ddim", "euler", "dpm++"), default=None)
+    # Each family takes only its own options (FAMILY_OPTIONS); both take --guidance and --seed.
+    emu2 = parser.add_argument_group("emu2 bundles (a U-Net denoises the image)")
+    emu2.add_argument("--image", action="append", default=[],
+                      help="a subject image the prompt edits (subject-driven), e.g. --image cat.png "
+                           '"make it blue"; repeatable')
+    emu2.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
+    emu2.add_argument("--scheduler", choices=("ddim", "euler", "dpm++"), default=None)
+    emu3 = parser.add_argument_group("emu3 bundles (the decoder writes the image as visual tokens)")
+    emu3.add_argument("--height", type=int, default=None,
+                      help="image height in pixels, a multiple of the VQ factor (default: the bundle's image area, "
+                           "square)")
+    emu3.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
+    emu3.add_argument("--negative-prompt", default=None,
+                      help="what the guidance steers away from (default: an empty prompt)")
+    emu3.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest image tokens "
+                                                                "(default: the bundle's; 1 is greedy)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the bundle's; 1 turns it off)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+# generate's options that only one family reads: (attribute, flag) per family.
+FAMILY_OPTIONS = {
+    "emu2": (("image", "--image"), ("steps", "--steps"), ("scheduler", "--scheduler")),
+    "emu3": (("height", "--height"), ("width", "--width"), ("negative_prompt", "--negative-prompt"),
+             ("top_k", "--top-k")),
+}
+
+
+def check_family_options(args, family: str) -> None:
+    """Refuse, by name, generate options that this bundle's family does not read, before
+    anything is loaded or generated."""
+    if family not in FAMILY_OPTIONS:
+        return   # a text-only bundle: the Pipeline names what it lacks
+    given = [flag for other, options in FAMILY_OPTIONS.items() if other != family
+             for attr, flag in options if getattr(args, attr, None) not in (None, [])]
+    if given:
+        own = [flag for _, flag in FAMILY_OPTIONS[family]] + ["--guidance", "--seed"]
+        raise ValueError(f"{', '.join(given)} {'is not an option' if len(given) == 1 else 'are not options'} of "
+                         f"{family} bundles, where generate takes {', '.join(own)}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -53,18 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         parser.add_argument("-o", "--output", required=True, type=Path,
                             help="image file to write (.png, .jpg, ...); its folder must exist, unless --mkdir")
         parser.add_argument("--mkdir", action="store_true", help="create the folder of --output if it is missing")
-        parser.add_argument("--image", action="append", default=[],
-                            help="a subject image the prompt edits (subject-driven), e.g. --image cat.png "
-                                 '"make it blue"; repeatable')
         _image_options(parser)
     _common(parser)
 
 
-def load_pipeline(args, log=lambda *a: print(*a, file=sys.stderr)):
+def load_pipeline(args, log=lambda *a: print(*a, file=sys.stderr), check=None):
+    """The Pipeline of --bundle (or the shipped model). check(bundle), if given, runs on the
+    opened bundle before any graph is loaded."""
+    from emu_edge.runtime.bundle import Bundle
     from emu_edge.runtime.pipeline import Pipeline
     from emu_edge.runtime.shipped import default_bundle
 
-    bundle = args.bundle if args.bundle is not None else default_bundle(log=log)
+    bundle = Bundle.open(args.bundle if args.bundle is not None else default_bundle(log=log))
+    if check is not None:
+        check(bundle)
     return Pipeline.load(bundle, device=args.device, backend=args.backend, threads=args.threads)
 
 
@@ -87,27 +126,57 @@ def run(args: argparse.Namespace) -> int:
     elif args.verb == "generate":
         check_output_path(args.output, mkdir=args.mkdir)
         images = [load_image(p) for p in args.image]
-    pipe = load_pipeline(args)
+    check = None
+    if args.verb == "generate":
+        def check(bundle):
+            check_family_options(args, bundle.manifest.model.family)
+    pipe = load_pipeline(args, check=check)
     if args.verb in ("caption", "ask"):
         items = [image] if args.verb == "caption" else [image, args.question]
         t0 = time.perf_counter()
         text = pipe.generate_text(items, **_sampling_kwargs(args))
         _emit(args, text, image=str(args.image), seconds=round(time.perf_counter() - t0, 4))
     elif args.verb == "generate":
-        items = images + [args.prompt]
         t0 = time.perf_counter()
-        image = pipe.generate_image(items, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                                    seed=args.seed, progress=None if args.json else _progress)
-        image.save(args.output)
+        if pipe.manifest.model.family == "emu3":
+            progress = None if args.json else progress_bar("image tokens")
+            image = pipe.generate_image(args.prompt, height=args.height, width=args.width, guidance=args.guidance,
+                                        negative_prompt=args.negative_prompt, top_k=args.top_k, seed=args.seed,
+                                        progress=progress)
+        else:
+            progress = None if args.json else progress_bar("denoising")
+            image = pipe.generate_image(images + [args.prompt], steps=args.steps, guidance=args.guidance,
+                                        scheduler=args.scheduler, seed=args.seed, progress=progress)
+        save_image(image, args.output)
         _emit(args, str(args.output), seconds=round(time.perf_counter() - t0, 4))
     elif args.verb == "chat":
         return _chat(pipe, args)
     return 0
 
 
-def _progress(done: int, total: int) -> None:
-    bar = "#" * int(30 * done / total)
-    print(f"\rdenoising [{bar:<30}] {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+def save_image(image, path: Path) -> None:
+    """Write under a temporary name in the same folder, then rename: an interrupted or
+    failed save leaves no partial file at `path`."""
+    from PIL import Image
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def progress_bar(label: str):
+    """A one-line bar on stderr, redrawn as steps finish: `label [####   ] 3/8`."""
+    def progress(done: int, total: int) -> None:
+        bar = "#" * int(30 * done / total)
+        print(f"\r{label} [{bar:<30}] {done}/{total}", end="\n" if done == total else "", file=sys.stderr,
+              flush=True)
+
+    return progress
 
 
 CHAT_HELP = """Type a message and press enter. Add images with /image PATH (they join your next

@@ -234,3 +234,23 @@ def make_emu3_folder(path: Path, preset: str, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
     return path
+
+
+def make_emu3_bundle(root: Path, preset: str, *export_args: str, image_area: int | None = None) -> Path:
+    """`emu-edge export-hf` of a make_emu3_folder folder into root/"bundle", with a small
+    image processor (images of 64..256 pixels, so an image prompt fits the 128-position
+    cache) and, if given, a processor_config.json image_area (the default image size)."""
+    import json
+
+    from transformers import Emu3ImageProcessor
+
+    from emu_edge.cli import main
+
+    root = Path(root)
+    folder = make_emu3_folder(root / "folder", preset)
+    Emu3ImageProcessor(min_pixels=8 * 8, max_pixels=16 * 16, spatial_factor=8).save_pretrained(folder)
+    if image_area is not None:
+        (folder / "processor_config.json").write_text(json.dumps({"image_area": image_area}))
+    out = root / "bundle"
+    assert main(["export-hf", str(folder), "--out", str(out), "--max-length", "128", *export_args]) == 0
+    return out
