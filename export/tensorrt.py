@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emu_edge.export.trt_check import TENSORRT_GRAPHS, check_graph
+from emu_edge.export.trt_check import check_graph, tensorrt_graphs
 
 BUILD_PRECISIONS = ("fp16", "int8")
 # Shape tensors (int inputs whose values size other tensors) need value ranges, which the
@@ -137,7 +137,7 @@ def build_engines(bundle_path: str | Path, precision: str, graphs: list[str] | N
     if precision not in BUILD_PRECISIONS:
         raise EngineBuildError(f"unknown engine precision {precision!r}; valid: {', '.join(BUILD_PRECISIONS)}")
     bundle = Bundle.open(bundle_path, onnxruntime_version=None)
-    available = [n for n in TENSORRT_GRAPHS if bundle.has_graph(n)]
+    available = tensorrt_graphs(bundle.manifest)
     names = graphs or available
     unknown = [n for n in names if n not in available]
     if unknown:

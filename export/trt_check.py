@@ -26,8 +26,9 @@ from pathlib import Path
 import onnx
 
 TRT_OPSETS = (9, 24)
-# Graphs that run on TensorRT; the judge only scores images on the host.
-TENSORRT_GRAPHS = ("embed", "decoder", "vision_encoder", "unet")
+# Roles of the graphs that run on TensorRT (emu2: vision_encoder, unet; emu3: vq_encoder,
+# vq_decoder); the judge only scores images on the host.
+TENSORRT_GRAPHS = ("embed", "decoder", "vision_encoder", "unet", "vq_encoder", "vq_decoder")
 
 SUPPORTED_OPS = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization
@@ -159,12 +160,17 @@ def _shape(value) -> list:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
+def tensorrt_graphs(manifest) -> list[str]:
+    """The names of a bundle's graphs whose role runs on TensorRT, in TENSORRT_GRAPHS' order."""
+    return [name for role in TENSORRT_GRAPHS for name, graph in manifest.graphs.items() if graph.role == role]
+
+
 def check_bundle(bundle_path: str | Path, graphs: list[str] | None = None) -> dict[str, list[Problem]]:
     """Problems per TensorRT-targeted graph of a bundle (an empty list: buildable)."""
     from emu_edge.runtime.bundle import Bundle
 
     bundle = Bundle.open(bundle_path, verify=False, onnxruntime_version=None)
-    available = [n for n in TENSORRT_GRAPHS if bundle.has_graph(n)]
+    available = tensorrt_graphs(bundle.manifest)
     names = graphs or available
     unknown = [n for n in names if n not in available]
     if unknown:

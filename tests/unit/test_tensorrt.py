@@ -44,6 +44,27 @@ def test_standard_bundle_is_buildable(standard_bundle, capsys):
     assert "decoder: ok" in capsys.readouterr().out
 
 
+def test_emu3_standard_bundle_is_buildable(tmp_path, capsys):
+    """All four graphs of an emu3 bundle (embed, decoder, vq_encoder, vq_decoder) pass the
+    check when the decoder is exported with standard attention; the default (gqa) decoder
+    is caught as the emu2 one is."""
+    from tiny_models import make_emu3_bundle
+
+    bundle = make_emu3_bundle(tmp_path / "standard", "f2", "--attention", "standard")
+    problems = check_bundle(bundle)
+    assert list(problems) == ["embed", "decoder", "vq_encoder", "vq_decoder"]
+    assert all(not p for p in problems.values()), problems
+    capsys.readouterr()
+    assert main(["build-engines", str(bundle), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "vq_encoder: ok" in out and "vq_decoder: ok" in out
+    assert main(["build-engines", str(bundle), "--check", "--graphs", "vq_decoder"]) == 0
+
+    gqa = check_bundle(make_emu3_bundle(tmp_path / "gqa", "f2", "--attention", "gqa"))
+    assert any("GroupQueryAttention" in p.message for p in gqa["decoder"])
+    assert not gqa["vq_encoder"] and not gqa["vq_decoder"]
+
+
 def test_contrib_operators_are_caught(tiny_bundle, tmp_path, capsys):
     problems = check_bundle(tiny_bundle)
     # The "gqa" decoder's onnxruntime-only ops, each with the way out.
