@@ -80,7 +80,9 @@ def test_wheel_contains_every_subpackage(tmp_path):
 
 def test_runtime_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import emu_edge.runtime, emu_edge.data, emu_edge.cli;"
-            "import emu_edge.runtime.pipeline, emu_edge.export.bundle_writer")
+            "import emu_edge.runtime.pipeline, emu_edge.export.bundle_writer;"
+            # every family module: Pipeline.load imports the bundle's one on first use
+            "from emu_edge.runtime.families import FAMILIES, family_class; [family_class(f) for f in FAMILIES]")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
