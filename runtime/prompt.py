@@ -93,7 +93,8 @@ class PromptLayout:
                                         f"({', '.join(self.tokens)})")
         elif isinstance(part, dict) and set(part) == {"text"} and isinstance(part["text"], str):
             pass
-        elif (isinstance(part, dict) and set(part) == {"repeat", "count"} and part["repeat"] in self.tokens
+        elif (isinstance(part, dict) and set(part) == {"repeat", "count"} and isinstance(part["repeat"], str)
+              and part["repeat"] in self.tokens
               and isinstance(part["count"], str)):
             pass
         else:
