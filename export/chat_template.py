@@ -9,6 +9,7 @@ texts are markers; the strings between the markers are the layout's parts:
     user       opens a user turn;  user_end closes it
     text_suffix  follows each text of a turn
     image      an image item: the processor's placeholder, expanded to the image's block
+    images_first  whether a turn's images come before its texts (Emu3-Chat's template)
     assistant  the generation opening (add_generation_prompt)
     answer     opens an earlier answer; end closes it
 
@@ -87,7 +88,7 @@ def layout_strings(render, image_text: str | None) -> dict:
         raise ChatTemplateError("a later user turn is written differently from the first")
     begin = pre_u[:len(pre_u) - len(user)]
     parts = dict(begin=begin, user=user, user_end=user_end, text_suffix=suffix, assistant=assistant,
-                 answer=answer, end=end, system=None, image=None)
+                 answer=answer, end=end, system=None, image=None, images_first=False)
     try:
         with_system = render([_msg("system", d), _msg("user", a)], False)
     except Exception:   # noqa: BLE001 - a template that refuses system messages
@@ -102,6 +103,9 @@ def layout_strings(render, image_text: str | None) -> dict:
         head, rest = _between(render([_msg("user", None, a)], False), pre_u, a)
         if head == image_text and rest == post_u:
             parts["image"] = image_text
+            # A text then an image: written in order, or the turn's images first.
+            head, rest = _between(render([_msg("user", a, None)], False), pre_u, a)
+            parts["images_first"] = head == image_text
     return parts
 
 
@@ -114,6 +118,8 @@ def render_strings(parts: dict, turns: list[tuple[list, str | None]], system: st
         out += parts["system"][0] + system + parts["system"][1]
     for items, answer in turns:
         out += parts["user"]
+        if parts["images_first"]:
+            items = [i for i in items if i is None] + [i for i in items if i is not None]
         for item in items:
             out += parts["image"] if item is None else item + parts["text_suffix"]
         out += parts["user_end"]
@@ -126,7 +132,8 @@ def _check_round_trip(render, parts: dict) -> None:
     a, b, c, d, e, f = _M
     conversations = [[([a], None)], [([a, b], c)], [([a], b), ([c], d), ([e], None)], [([a], b), ([c, d], e)]]
     if parts["image"] is not None:
-        conversations += [[([None, a], None)], [([None, a], b), ([None, c], None)]]
+        conversations += [[([None, a], None)], [([None, a], b), ([None, c], None)], [([a, None, b], None)],
+                          [([a, None], c), ([None, None, b], None)]]
     for turns in conversations:
         for system in ([None, f] if parts["system"] else [None]):
             for generation in (False, True):
@@ -178,6 +185,6 @@ def chat_layout(template: str, bos: tuple[str, int] | None, image: tuple[str, in
                           user=text(parts["user"]), assistant=text(parts["assistant"]), image=image_parts, frame=[],
                           generate_image=[], placeholder=image[0] if image_parts else None, text_prefix="",
                           system=system, user_end=text(parts["user_end"]), answer=text(parts["answer"]),
-                          text_suffix=parts["text_suffix"])
+                          text_suffix=parts["text_suffix"], images_first=parts["images_first"])
     layout.validate()
     return layout

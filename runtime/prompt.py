@@ -58,11 +58,12 @@ class PromptLayout:
     # Chat templates rendered at export (emu3): a caller's system prompt, where its text is
     # the part {"slot": "system"} ([]: the template has none); what closes a user turn;
     # what opens an earlier answer written back into a prompt (the generation opening is
-    # `assistant`); what follows each text of a turn.
+    # `assistant`); what follows each text of a turn; whether a turn's images go first.
     system: list = field(default_factory=list)
     user_end: list = field(default_factory=list)
     answer: list = field(default_factory=list)
     text_suffix: str = ""
+    images_first: bool = False        # a turn's images before its texts, whatever the items' order
 
     @classmethod
     def from_dict(cls, data: dict) -> PromptLayout:
@@ -97,6 +98,8 @@ class PromptLayout:
         for key in ("text_prefix", "text_suffix"):
             if not isinstance(getattr(self, key), str):
                 raise PromptLayoutError(f"prompt layout {key} must be a string")
+        if not isinstance(self.images_first, bool):
+            raise PromptLayoutError("prompt layout images_first must be true or false")
         if self.system and sum(p == SYSTEM_SLOT for p in self.system) != 1:
             raise PromptLayoutError('prompt layout \'system\' must hold the part {"slot": "system"} once')
 

@@ -171,6 +171,8 @@ class Emu3:
             add(layout.end)
         for content, answer in turns:
             add(layout.user)
+            if layout.images_first:   # the template writes a turn's images before its texts
+                content = [c for c in content if c[0] == "image"] + [c for c in content if c[0] != "image"]
             for kind, value in content:
                 if kind == "text":
                     runs.append(value + layout.text_suffix)

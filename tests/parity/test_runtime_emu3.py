@@ -300,7 +300,7 @@ def test_chat_template_becomes_the_prompt_layout(emu3_chat):
     assert layout is not None and pipe.manifest.model.source["chat_template"] == "chat_template.jinja"
     assert layout.user == [{"text": "USER: "}] and layout.assistant == [{"text": "ASSISTANT:"}]
     assert layout.answer == [{"text": "ASSISTANT: "}] and layout.end == [{"text": " "}]
-    assert layout.text_suffix == " " and layout.image == ["<image>"]
+    assert layout.text_suffix == " " and layout.image == ["<image>"] and layout.images_first
     assert layout.system == [{"slot": "system"}, {"text": " "}]
 
 
@@ -314,7 +314,8 @@ def test_chat_prompts_equal_apply_chat_template(emu3_chat, n_turns, system):
 
     pipe, model, tok = emu3_chat
     image = Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype(np.uint8))
-    all_turns = [([image, "w5 w6"], "w7 w8"), (["w11", "w12 w13"], "w14"), (["w15"], None)]
+    # the second turn's image comes after a text: the template writes a turn's images first
+    all_turns = [([image, "w5 w6"], "w7 w8"), (["w11", image, "w12 w13"], "w14"), (["w15"], None)]
     turns = all_turns[:n_turns - 1] + [(all_turns[n_turns - 1][0], None)]
     ours = pipe.family.chat_ids(turns, system=system)
     images = [i for items, _ in turns for i in items if not isinstance(i, str)]
