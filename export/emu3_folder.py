@@ -7,6 +7,9 @@
                     without either, transformers' Emu3ImageProcessor defaults (the published
                     processor's: 512^2..1024^2 pixels, factor 8, rescale 1/255, CLIP mean/std)
     image_area      processor_config.json's, else Emu3Processor's default (518400 = 720^2)
+    prompt layout   the folder's chat template, rendered (export/chat_template.py); without
+                    one (or one the layout cannot express: a printed line says so), none,
+                    and the runtime writes BOS and the items as they are
 """
 
 from __future__ import annotations
@@ -110,3 +113,24 @@ def _image_processor(folder: Path) -> tuple[dict, str]:
                   rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
                   image_mean=[float(v) for v in mean], image_std=[float(v) for v in std], image_area=int(image_area))
     return fields, found or "Emu3ImageProcessor defaults"
+
+
+def emu3_chat_layout(folder: Path, bos_id: int | None, image_id: int | None):
+    """-> (the PromptLayout of the folder's chat template, the file it came from), or
+    (None, None): no template, or one the layout cannot express (a printed line says why)."""
+    from emu_edge.export.chat_template import ChatTemplateError, chat_layout, read_chat_template
+
+    template, source = read_chat_template(folder)
+    if template is None:
+        return None, None
+    from tokenizers import Tokenizer
+
+    name = Tokenizer.from_file(str(folder / "tokenizer.json")).id_to_token(bos_id) if bos_id is not None else None
+    bos = (name, bos_id) if name is not None else None
+    image = (PLACEHOLDER, image_id) if image_id is not None else None
+    try:
+        return chat_layout(template, bos, image, special={"bos_token": bos[0] if bos else ""}), source
+    except ChatTemplateError as e:
+        print(f"{folder / source}: the chat template is not written into the manifest ({e}); "
+              "prompts are BOS and the items as given")
+        return None, None

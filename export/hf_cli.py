@@ -25,7 +25,7 @@ from pathlib import Path
 
 from emu_edge.export.adapters import ADAPTERS, DecoderSource, open_folder
 from emu_edge.export.bundle_writer import BundleWriter
-from emu_edge.export.emu3_folder import read_emu3_folder
+from emu_edge.export.emu3_folder import emu3_chat_layout, read_emu3_folder
 from emu_edge.export.specs import ExportInputs, export_recipe
 from emu_edge.export.vq import load_vqmodel
 from emu_edge.runtime.manifest import Emu2Spec, Emu3Spec, KVSpec, ModelSpec
@@ -90,6 +90,9 @@ def run(args) -> int:
                          prompt=emu2_layout(_special_tokens(Path(folder) / "tokenizer.json")))
         if family == "emu3":
             model.update(emu3=Emu3Spec(**fields["emu3"], **emu3), source=dict(model["source"], **emu3_sources))
+            layout, template_file = emu3_chat_layout(llm.folder, model.get("bos_token_id"), emu3["image_token_id"])
+            if layout is not None:
+                model.update(prompt=layout, source=dict(model["source"], chat_template=template_file))
         writer.write_tokenizer(Path(folder) / "tokenizer.json")
         out = writer.finish(ModelSpec(**model))
     print(f"wrote {out}")

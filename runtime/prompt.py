@@ -26,6 +26,9 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 IMG, IMG_END, IMAGE, USER, ASSISTANT = "[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]"
 EMU2_SPECIAL_TOKENS = (PAD, BOS, EOS, IMG, IMG_END, IMAGE, USER, ASSISTANT)
 
+SYSTEM_SLOT = {"slot": "system"}     # where a caller's system prompt goes in `system`
+PART_LISTS = ("begin", "end", "user", "assistant", "image", "frame", "generate_image", "system", "user_end", "answer")
+
 CHAT_TASKS = ("vqa", "chat", "fewshot", "video")
 TEMPLATES = ("plain", "chat")
 
@@ -52,6 +55,15 @@ class PromptLayout:
     generate_image: list              # the end of a prompt whose answer is an image
     placeholder: str | None = None    # the token whose positions take visual embeddings
     text_prefix: str = " "            # prepended to each stripped text before tokenizing
+    # Chat templates rendered at export (emu3): a caller's system prompt, where its text is
+    # the part {"slot": "system"} ([]: the template has none); what closes a user turn;
+    # what opens an earlier answer written back into a prompt (the generation opening is
+    # `assistant`); what follows each text of a turn; whether a turn's images go first.
+    system: list = field(default_factory=list)
+    user_end: list = field(default_factory=list)
+    answer: list = field(default_factory=list)
+    text_suffix: str = ""
+    images_first: bool = False        # a turn's images before its texts, whatever the items' order
 
     @classmethod
     def from_dict(cls, data: dict) -> PromptLayout:
@@ -75,7 +87,7 @@ class PromptLayout:
         if not isinstance(self.tokens, dict) or not all(
                 isinstance(k, str) and type(v) is int and v >= 0 for k, v in self.tokens.items()):
             raise PromptLayoutError("prompt layout tokens must map token names to ids >= 0")
-        for key in ("begin", "end", "user", "assistant", "image", "frame", "generate_image"):
+        for key in PART_LISTS:
             parts = getattr(self, key)
             if not isinstance(parts, list):
                 raise PromptLayoutError(f"prompt layout {key!r} must be a list of parts")
@@ -83,8 +95,13 @@ class PromptLayout:
                 self._check_part(key, part)
         if self.placeholder is not None and self.placeholder not in self.tokens:
             raise PromptLayoutError(f"prompt layout placeholder {self.placeholder!r} is not among its tokens")
-        if not isinstance(self.text_prefix, str):
-            raise PromptLayoutError("prompt layout text_prefix must be a string")
+        for key in ("text_prefix", "text_suffix"):
+            if not isinstance(getattr(self, key), str):
+                raise PromptLayoutError(f"prompt layout {key} must be a string")
+        if not isinstance(self.images_first, bool):
+            raise PromptLayoutError("prompt layout images_first must be true or false")
+        if self.system and sum(p == SYSTEM_SLOT for p in self.system) != 1:
+            raise PromptLayoutError('prompt layout \'system\' must hold the part {"slot": "system"} once')
 
     def _check_part(self, key: str, part) -> None:
         if isinstance(part, str):
@@ -93,7 +110,10 @@ class PromptLayout:
                                         f"({', '.join(self.tokens)})")
         elif isinstance(part, dict) and set(part) == {"text"} and isinstance(part["text"], str):
             pass
-        elif (isinstance(part, dict) and set(part) == {"repeat", "count"} and part["repeat"] in self.tokens
+        elif key == "system" and part == SYSTEM_SLOT:
+            pass
+        elif (isinstance(part, dict) and set(part) == {"repeat", "count"} and isinstance(part["repeat"], str)
+              and part["repeat"] in self.tokens
               and isinstance(part["count"], str)):
             pass
         else:

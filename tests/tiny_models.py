@@ -9,6 +9,8 @@ GroupQueryAttention kernel refuses, an explicit head_dim, rope settings, tied em
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 # Every preset: 2 layers, vocab 256; hidden 64-96.
@@ -222,9 +224,24 @@ def build_emu3(preset: str, seed: int = 0):
 EMU3_GENERATION = dict(do_sample=True, top_k=64, max_new_tokens=300, guidance_scale=3.0)
 
 
-def make_emu3_folder(path: Path, preset: str, seed: int = 0) -> Path:
+# A chat template of the published Emu3-Chat form: a system message's text first, then
+# "USER: " and "ASSISTANT: " turns, each turn's images before its texts, a space after each
+# text, "ASSISTANT:" as the generation prompt; no end-of-turn token.
+EMU3_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ 'USER: ' }}{% elif m['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}{% endif %}"
+    "{% for part in m['content'] if part['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
+    "{% for part in m['content'] if part['type'] == 'text' %}{{ part['text'] ~ ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+# The template's role words, as tokens of the tiny tokenizer (two of its fillers renamed).
+EMU3_ROLE_TOKENS = ("USER:", "ASSISTANT:")
+
+
+def make_emu3_folder(path: Path, preset: str, seed: int = 0, chat_template: str | None = None) -> Path:
     """save_pretrained of build_emu3's model, its tokenizer.json and a generation_config.json
-    (no processor config: the exporter falls back to the processor's defaults)."""
+    (no processor config: the exporter falls back to the processor's defaults).
+    chat_template: also a chat_template.jinja, with the template's role words as tokens."""
     from transformers import GenerationConfig
 
     path = Path(path)
@@ -233,6 +250,14 @@ def make_emu3_folder(path: Path, preset: str, seed: int = 0) -> Path:
                                                **EMU3_GENERATION)
     model.save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
+    if chat_template is not None:
+        data = json.loads((path / "tokenizer.json").read_text())
+        fillers = [t for t in data["added_tokens"] if t["content"].startswith("<|extra_") and
+                   t["content"] not in EMU3_SPECIAL]
+        for token, word in zip(fillers, EMU3_ROLE_TOKENS):
+            token.update(content=word, special=False)
+        (path / "tokenizer.json").write_text(json.dumps(data))
+        (path / "chat_template.jinja").write_text(chat_template)
     return path
 
 

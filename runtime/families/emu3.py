@@ -25,6 +25,7 @@ from PIL import Image
 from emu_edge.runtime import text
 from emu_edge.runtime.decoder import ContextTooLongError
 from emu_edge.runtime.images import load_image
+from emu_edge.runtime.prompt import SYSTEM_SLOT
 from emu_edge.runtime.sampling import Sampler, SamplingConfig
 
 
@@ -55,6 +56,8 @@ class Emu3:
         model = pipe.manifest.model
         self.spec = model.emu3
         self.bos = [model.bos_token_id] if model.bos_token_id is not None else []
+        self.layout = model.prompt          # the folder's chat template, rendered at export (or None)
+        self.system: str | None = None      # a system prompt for text_prompts and conversations
         visual = np.zeros(model.vocab_size, bool)
         visual[self.spec.visual_ids().start:self.spec.visual_ids().stop] = True
         self._visual_mask = visual   # read-only after this: shared by threads
@@ -92,24 +95,109 @@ class Emu3:
         return [self._encode(value) if kind == "text" else next(images) for kind, value in segs]
 
     def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames):
-        """Token rows for interleaved prompts: BOS, then the items (the image tokens are
-        ordinary ids: no visual embeddings travel beside the rows). truncate: the oldest
-        items are dropped until the prompt fits."""
+        """Token rows for interleaved prompts (the image tokens are ordinary ids: no visual
+        embeddings travel beside the rows). With the manifest's prompt layout (the folder's
+        chat template), one user turn and the assistant opening, after `self.system` if set;
+        without one, BOS then the items. truncate: the oldest items are dropped until the
+        prompt fits."""
         budget = self.pipe.max_length - max_new_tokens + 1
         rows = []
         for items in batch:
-            pieces = self.pieces(items)
-            while truncate and len(self.bos) + sum(map(len, pieces)) > budget:
-                if len(pieces) == 1:
-                    raise ContextTooLongError(f"even the last item alone needs {len(pieces[0])} tokens, beyond "
+            content = self._content(items)
+            row = self._row(content)
+            while truncate and len(row) > budget:
+                if len(content) == 1:
+                    raise ContextTooLongError(f"even the last item alone needs {len(row)} tokens, beyond "
                                               f"the {budget} that max_length {self.pipe.max_length} leaves")
-                pieces = pieces[1:]
-            rows.append(self.bos + [t for piece in pieces for t in piece])
+                content = content[1:]
+                row = self._row(content)
+            rows.append(row)
         return rows, None
 
+    def _row(self, content) -> list[int]:
+        if self.layout is None:
+            return self.bos + [t for kind, value in content for t in (self._encode(value) if kind == "text" else value)]
+        return self._layout_ids([(content, None)], self.system, True, start=True)
+
     def chat_turn(self, items, video_frames, continuing: bool):
-        """A conversation turn's new ids (BOS on the first turn only)."""
-        return ([] if continuing else self.bos) + [t for piece in self.pieces(items) for t in piece], None
+        """A conversation turn's new ids. With a prompt layout: the earlier answer's close
+        (continuing), a user turn and the assistant opening; the layout's start and the
+        system prompt (`self.system`) on the first turn only. Without one: BOS on the first
+        turn only, then the items."""
+        content = self._content(items)
+        if self.layout is None:
+            return ([] if continuing else self.bos) + [
+                t for kind, value in content for t in (self._encode(value) if kind == "text" else value)], None
+        return self._layout_ids([(content, None)], None if continuing else self.system, True,
+                                start=not continuing, after_answer=continuing), None
+
+    def chat_ids(self, turns, system: str | None = None, generation: bool = True) -> list[int]:
+        """The ids of a whole conversation through the prompt layout: turns are (items,
+        answer or None), earlier turns with their answers; generation: end with the
+        assistant opening. As the folder's chat template writes it (tokenized as one text
+        between special tokens), with each image's block where its item is."""
+        if self.layout is None:
+            raise ValueError("this bundle has no prompt layout (its folder had no chat template)")
+        return self._layout_ids([(self._content(items), answer) for items, answer in turns], system, generation,
+                                start=True)
+
+    def _content(self, items) -> list[tuple[str, object]]:
+        """Items -> ("text", str) and ("image", block ids), the images encoded in one call."""
+        segs = self._segments(items)
+        images = iter(self.encode_images([v for kind, v in segs if kind == "image"]))
+        return [(kind, value if kind == "text" else next(images)) for kind, value in segs]
+
+    def _layout_ids(self, turns, system, generation: bool, start: bool, after_answer: bool = False) -> list[int]:
+        layout = self.layout
+        runs: list = []     # str (text, joined then tokenized once) or list[int]
+
+        def add(parts, image=None):
+            for part in parts:
+                if isinstance(part, str):
+                    runs.append(image if image is not None and part == layout.placeholder
+                                else [layout.tokens[part]])
+                elif part == SYSTEM_SLOT:
+                    runs.append(system)
+                else:
+                    runs.append(part["text"])
+
+        if start:
+            add(layout.begin)
+        if system is not None:
+            if not layout.system:
+                raise ValueError("this bundle's chat template has no system prompt")
+            add(layout.system)
+        if after_answer:
+            add(layout.end)
+        for content, answer in turns:
+            add(layout.user)
+            if layout.images_first:   # the template writes a turn's images before its texts
+                content = [c for c in content if c[0] == "image"] + [c for c in content if c[0] != "image"]
+            for kind, value in content:
+                if kind == "text":
+                    runs.append(value + layout.text_suffix)
+                elif not layout.image:
+                    raise ValueError("this bundle's chat template writes no images")
+                else:
+                    add(layout.image, image=value)
+            add(layout.user_end)
+            if answer is not None:
+                add(layout.answer)
+                runs.append(answer)
+                add(layout.end)
+        if generation:
+            add(layout.assistant)
+        ids: list[int] = []
+        text = ""
+        for run in runs + [[]]:
+            if isinstance(run, str):
+                text += run
+                continue
+            if text:
+                ids += self._encode(text)
+                text = ""
+            ids += run
+        return ids
 
     # -- images in -------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tiny_models import EMU3_GENERATION, EMU3_PRESETS, make_emu3_folder, visual_token
+from tiny_models import EMU3_CHAT_TEMPLATE, EMU3_GENERATION, EMU3_PRESETS, make_emu3_folder, visual_token
 from emu_edge.cli import main as cli_main
 from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.manifest import Manifest
@@ -102,6 +102,31 @@ def test_processor_settings_come_from_the_folder(exported, tmp_path):
     assert (fields["image_mean"], fields["image_std"]) == ([0.5] * 3, [0.25] * 3)
     assert fields["resample"] == "bicubic"   # saved as the int 3: written by its PIL name
     assert sources["processor"] in ("preprocessor_config.json", "processor_config.json")
+
+
+# Turns numbered by position: no fixed parts write them, so the exporter writes no layout.
+NUMBERED_TEMPLATE = ("{% for m in messages %}{{ loop.index }}. {{ m['role'] }}: "
+                     "{% for p in m['content'] %}{{ p['text'] }}{% endfor %}\n{% endfor %}"
+                     "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_chat_template_is_rendered_into_the_layout_or_left_out(exported, tmp_path, capsys):
+    from emu_edge.export.emu3_folder import emu3_chat_layout
+
+    folder = tmp_path / "folder"
+    shutil.copytree(exported("f2")[0], folder)
+    manifest = Manifest.load(exported("f2")[1])
+    assert manifest.model.prompt is None             # no template: no layout
+    assert emu3_chat_layout(folder, 1, None) == (None, None)
+    # tokenizer_config.json's template, as tokenizers save it
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": EMU3_CHAT_TEMPLATE}))
+    layout, source = emu3_chat_layout(folder, 1, 133)
+    assert source == "tokenizer_config.json" and layout.begin == ["<s>"] and layout.tokens == {"<s>": 1, "<image>": 133}
+    assert layout.user == [{"text": "USER: "}] and layout.assistant == [{"text": "ASSISTANT:"}]
+    (folder / "chat_template.jinja").write_text(NUMBERED_TEMPLATE)
+    capsys.readouterr()
+    assert emu3_chat_layout(folder, 1, 133) == (None, None)
+    assert "the chat template is not written into the manifest" in capsys.readouterr().out
 
 
 def _reference(folder: Path):

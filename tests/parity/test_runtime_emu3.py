@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import EMU3_PRESETS, make_emu3_folder
+from tiny_models import EMU3_CHAT_TEMPLATE, EMU3_PRESETS, make_emu3_folder
 from emu_edge.cli import main as cli_main
 from emu_edge.runtime.decoder import ContextTooLongError
 from emu_edge.runtime.pipeline import Pipeline
@@ -233,3 +233,121 @@ def test_an_image_too_large_for_the_cache_is_refused_before_encoding(emu3):
     # 30x20 pixels -> 16x8 (the processor's max 256 pixels) -> 4 x (8 + EOL) tokens
     with pytest.raises(ContextTooLongError, match="resized to 16x8 .*36 image tokens: beyond max_length 30"):
         short.generate_text([Image.new("RGB", (30, 20)), "w5"], max_new_tokens=2)
+
+
+# -- the folder's chat template, rendered into the manifest's prompt layout ---------------
+
+
+@pytest.fixture(scope="module")
+def emu3_chat(tmp_path_factory):
+    """(Pipeline, transformers model, tokenizer with the template) of a folder whose chat
+    template is in the published Emu3-Chat form."""
+    from transformers import Emu3ForConditionalGeneration, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("emu3_chat")
+    folder = make_emu3_folder(root / "folder", "f2", chat_template=EMU3_CHAT_TEMPLATE)
+    PROCESSOR(folder)
+    assert cli_main(["export-hf", str(folder), "--out", str(root / "bundle"), "--max-length", "256"]) == 0
+    model = Emu3ForConditionalGeneration.from_pretrained(folder).eval()
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>",
+                                  chat_template=(folder / "chat_template.jinja").read_text())
+    return Pipeline.load(root / "bundle", threads=1), model, tok
+
+
+def reference_chat_ids(pipe, model, tok, turns, system, images):
+    """BOS (the processor writes it) + the tokenizer's ids of apply_chat_template's text,
+    each <image> expanded as Emu3Processor does, its placeholders filled with the image's
+    VQ tokens; and the unfilled ids with the pixels, for transformers' generate."""
+    spec = pipe.manifest.model.emu3
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    for items, answer in turns:
+        messages.append({"role": "user", "content": [{"type": "image"} if not isinstance(i, str) else
+                                                     {"type": "text", "text": i} for i in items]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    pixels = sizes = None
+    image_ids = []
+    if images:
+        pixels, sizes = reference_pixels(images[0])
+        for image in images[1:]:
+            p, s = reference_pixels(image)
+            assert s.tolist() == sizes.tolist()
+            pixels, sizes = torch.cat([pixels, p]), torch.cat([sizes, s])
+        blocks = []
+        for size in sizes.tolist():
+            h, w = (int(v) // spec.spatial_factor for v in size)
+            blocks.append(f"<|image start|>{h}*{w}<|image token|>" + "<image>" * (h * (w + 1))
+                          + "<|extra_201|><|image end|>")
+        pieces = rendered.split("<image>")
+        assert len(pieces) == len(blocks) + 1
+        rendered = pieces[0] + "".join(b + p for b, p in zip(blocks, pieces[1:]))
+        with torch.no_grad():
+            image_ids = model.model.get_image_tokens(pixels, sizes).tolist()
+    prompt = [pipe.manifest.model.bos_token_id] + tok(rendered, add_special_tokens=False)["input_ids"]
+    filled = list(prompt)
+    positions = [i for i, t in enumerate(prompt) if t == spec.image_token_id]
+    flat = [t for ids in image_ids for t in ids] if image_ids and isinstance(image_ids[0], list) else image_ids
+    assert len(positions) == len(flat)
+    for i, t in zip(positions, flat):
+        filled[i] = t
+    return filled, prompt, pixels, sizes
+
+
+def test_chat_template_becomes_the_prompt_layout(emu3_chat):
+    pipe, _, _ = emu3_chat
+    layout = pipe.manifest.model.prompt
+    assert layout is not None and pipe.manifest.model.source["chat_template"] == "chat_template.jinja"
+    assert layout.user == [{"text": "USER: "}] and layout.assistant == [{"text": "ASSISTANT:"}]
+    assert layout.answer == [{"text": "ASSISTANT: "}] and layout.end == [{"text": " "}]
+    assert layout.text_suffix == " " and layout.image == ["<image>"] and layout.images_first
+    assert layout.system == [{"slot": "system"}, {"text": " "}]
+
+
+@pytest.mark.parametrize("system", [None, "w9 w10"])
+@pytest.mark.parametrize("n_turns", [1, 2, 3])
+def test_chat_prompts_equal_apply_chat_template(emu3_chat, n_turns, system):
+    """1-3 turns, earlier ones with their answers, with and without a system prompt (none
+    is added when the caller gives none): our ids equal the tokenizer's ids of
+    apply_chat_template's text, with each image block where the processor puts it."""
+    from PIL import Image
+
+    pipe, model, tok = emu3_chat
+    image = Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype(np.uint8))
+    # the second turn's image comes after a text: the template writes a turn's images first
+    all_turns = [([image, "w5 w6"], "w7 w8"), (["w11", image, "w12 w13"], "w14"), (["w15"], None)]
+    turns = all_turns[:n_turns - 1] + [(all_turns[n_turns - 1][0], None)]
+    ours = pipe.family.chat_ids(turns, system=system)
+    images = [i for items, _ in turns for i in items if not isinstance(i, str)]
+    want, _, _, _ = reference_chat_ids(pipe, model, tok, turns, system, images)
+    assert ours == want
+    if n_turns == 1:
+        pipe.family.system = system
+        try:
+            assert pipe.family.text_prompts([turns[0][0]], "auto", False, 8, None)[0][0] == want
+        finally:
+            pipe.family.system = None
+
+
+def test_chat_layout_greedy_text_equals_transformers(emu3_chat):
+    """One image+text prompt through the layout: transformers' greedy generate on the
+    template's prompt gives our answer."""
+    from PIL import Image
+
+    pipe, model, tok = emu3_chat
+    image = Image.fromarray((np.random.default_rng(1).random((20, 30, 3)) * 255).astype(np.uint8))
+    filled, prompt, pixels, sizes = reference_chat_ids(pipe, model, tok, [([image, "w5 w6"], None)], None, [image])
+    rows = pipe.family.text_prompts([[image, "w5 w6"]], "auto", False, 8, None)[0]
+    assert rows[0] == filled
+    got = pipe.generate_ids(rows[0], max_new_tokens=8)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                             image_sizes=sizes, do_sample=False, max_new_tokens=8, guidance_scale=1.0)
+    assert got == out[0, len(prompt):].tolist()
+    chat = pipe.conversation()
+    assert chat.ask([image, "w5 w6"], max_new_tokens=8) == pipe.generate_text([image, "w5 w6"], max_new_tokens=8)
+    assert chat.history[:len(filled)] == filled
+    # a later turn continues the cache: the answer's close, then a user turn and the opening
+    assert pipe.family.chat_turn(["w9"], None, continuing=True)[0] == pipe.family._encode(" USER: w9 ASSISTANT:")
+    assert isinstance(chat.ask(["w9"], max_new_tokens=2), str)
