@@ -29,7 +29,6 @@ from emu_edge.runtime.prompt import SYSTEM_SLOT
 from emu_edge.runtime.sampling import Sampler, SamplingConfig
 
 
-
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The processor's resize rule: both sides multiples of `factor`, the area within
     [min_pixels, max_pixels], the aspect ratio kept as far as those allow."""
