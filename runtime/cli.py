@@ -30,6 +30,8 @@ def _sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system", default=None,
+                        help="a system prompt (bundles whose prompt layout has one: an Emu3 folder's chat template)")
 
 
 def _image_options(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verb in ("caption", "ask"):
         items = [image] if args.verb == "caption" else [image, args.question]
         t0 = time.perf_counter()
-        text = pipe.generate_text(items, **_sampling_kwargs(args))
+        text = pipe.generate_text(items, system=args.system, **_sampling_kwargs(args))
         _emit(args, text, image=str(args.image), seconds=round(time.perf_counter() - t0, 4))
     elif args.verb == "generate":
         t0 = time.perf_counter()
@@ -188,7 +190,7 @@ def _chat(pipe, args) -> int:
 
     from emu_edge.runtime.images import load_image
 
-    conversation = pipe.conversation()
+    conversation = pipe.conversation(system=args.system)
     pending = []
     print(CHAT_HELP, file=sys.stderr)
     while True:
@@ -202,7 +204,7 @@ def _chat(pipe, args) -> int:
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
-            conversation, pending = pipe.conversation(), []
+            conversation, pending = pipe.conversation(system=args.system), []
             print("(new conversation)", file=sys.stderr)
             continue
         if line.startswith("/image "):

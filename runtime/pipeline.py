@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -232,29 +233,43 @@ class Pipeline:
 
     def generate_text(self, items, max_new_tokens: int | None = None, stop: list[str] | None = None,
                       template: str = "auto", truncate: bool = False, video_frames: int | None = None,
-                      ignore_eos: bool = False, **sampling) -> str:
+                      ignore_eos: bool = False, system: str | None = None, **sampling) -> str:
         """Text out for a prompt: a string, or interleaved items (str, images, video clips)
         for a multimodal family.
 
         template "auto": images alone are captioned (the plain template), anything with
         text is an instruction ([USER]: ... [ASSISTANT]:). `sampling` as in generate_ids;
-        `stop` strings end the answer."""
-        return self.generate_text_batch([items], max_new_tokens, stop, template, truncate, video_frames,
-                                        ignore_eos, **sampling)[0]
+        `stop` strings end the answer; `system`: a system prompt, for bundles whose prompt
+        layout has one (an Emu3 folder's chat template). max_new_tokens None: the bundle's
+        default, capped to what the context leaves (see complete_batch)."""
+        return self.complete_batch([items], max_new_tokens, stop, template, truncate, video_frames, ignore_eos,
+                                   system, **sampling)[0].text
 
     def generate_text_batch(self, batch: list, max_new_tokens: int | None = None, stop: list[str] | None = None,
                             template: str = "auto", truncate: bool = False, video_frames: int | None = None,
-                            ignore_eos: bool = False, **sampling) -> list[str]:
+                            ignore_eos: bool = False, system: str | None = None, **sampling) -> list[str]:
         """generate_text for several prompts at once (one batched decode)."""
+        return [c.text for c in self.complete_batch(batch, max_new_tokens, stop, template, truncate, video_frames,
+                                                    ignore_eos, system, **sampling)]
+
+    def complete_batch(self, batch: list, max_new_tokens: int | None = None, stop: list[str] | None = None,
+                       template: str = "auto", truncate: bool = False, video_frames: int | None = None,
+                       ignore_eos: bool = False, system: str | None = None, **sampling) -> list[Completion]:
+        """generate_text_batch with each answer's finish reason and token counts. A
+        max_new_tokens the caller did not choose is capped to what the context leaves after
+        the longest prompt: an answer cut there ends with finish_reason "length"."""
         if not batch:
             raise ValueError("the batch is empty")
+        chosen = max_new_tokens is not None
         max_new_tokens = self._max_new_tokens(max_new_tokens)
         checker = StopChecker(stop) if stop else None
-        rows, visual = self.family.text_prompts(batch, template, truncate, max_new_tokens, video_frames)
+        rows, visual = self.family.text_prompts(batch, template, truncate, max_new_tokens, video_frames, system)
+        if not chosen:
+            max_new_tokens = _fit(max_new_tokens, max(len(r) for r in rows), self.max_length)
         sampler = Sampler(SamplingConfig(**sampling))
+        eos = [] if ignore_eos else self.manifest.model.eos_ids()
         new: list[list[int]] = [[] for _ in rows]
-        steps = self.stream_ids(rows, max_new_tokens, sampler, [] if ignore_eos else self.manifest.model.eos_ids(),
-                                visual)
+        steps = self.stream_ids(rows, max_new_tokens, sampler, eos, visual)
         for tokens in steps:
             for b, token in enumerate(tokens):
                 if token is not None:
@@ -262,27 +277,34 @@ class Pipeline:
             if checker and all(checker.check(self._decode(n)) is not None for n in new):
                 steps.close()  # gives the session back now
                 break
-        texts = [self._decode(n) for n in new]
-        if checker:
-            texts = [t[: checker.check(t)] if checker.check(t) is not None else t for t in texts]
-        return [t.strip() for t in texts]
+        out = []
+        for row, ids in zip(rows, new):
+            text_ = self._decode(ids)
+            cut = checker.check(text_) if checker else None
+            stopped = cut is not None or bool(ids and ids[-1] in eos)
+            out.append(Completion(text=(text_ if cut is None else text_[:cut]).strip(),
+                                  finish_reason="stop" if stopped or len(ids) < max_new_tokens else "length",
+                                  prompt_tokens=len(row), completion_tokens=len(ids)))
+        return out
 
     def stream_text(self, items, max_new_tokens: int | None = None, stop: list[str] | None = None,
                     template: str = "auto", truncate: bool = False, video_frames: int | None = None,
-                    **sampling) -> Iterator[str]:
-        """generate_text, yielding the text as it is produced."""
+                    system: str | None = None, **sampling) -> TextStream:
+        """generate_text, yielding the text as it is produced; the stream's finish_reason
+        and token counts are set once it ends."""
+        chosen = max_new_tokens is not None
         max_new_tokens = self._max_new_tokens(max_new_tokens)
-        rows, visual = self.family.text_prompts([items], template, truncate, max_new_tokens, video_frames)
-        steps = self.stream_ids(rows, max_new_tokens, Sampler(SamplingConfig(**sampling)),
-                                self.manifest.model.eos_ids(), visual)
-        try:
-            yield from text.stream_pieces((t[0] for t in steps if t[0] is not None), self._decode,
-                                          set(self.manifest.model.eos_ids()), stop)
-        finally:
-            steps.close()
+        rows, visual = self.family.text_prompts([items], template, truncate, max_new_tokens, video_frames, system)
+        if not chosen:
+            max_new_tokens = _fit(max_new_tokens, len(rows[0]), self.max_length)
+        eos = self.manifest.model.eos_ids()
+        steps = self.stream_ids(rows, max_new_tokens, Sampler(SamplingConfig(**sampling)), eos, visual)
+        return TextStream(steps, len(rows[0]), max_new_tokens, self._decode, eos, stop)
 
-    def conversation(self, max_length: int | None = None) -> Conversation:
-        return Conversation(self, max_length)
+    def conversation(self, max_length: int | None = None, system: str | None = None) -> Conversation:
+        """A multi-turn chat with its own KV cache; `system`: a system prompt written once,
+        at its start (bundles whose prompt layout has one)."""
+        return Conversation(self, max_length, system)
 
     def _decode(self, ids: list[int]) -> str:
         eos = set(self.manifest.model.eos_ids())
@@ -293,6 +315,65 @@ class Pipeline:
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {value!r}")
         return int(value)
+
+
+@dataclass
+class Completion:
+    """One prompt's answer: its text, why it ended ("stop": EOS or a stop string;
+    "length": max_new_tokens reached) and its token counts (what OpenAI's usage reports)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextStream:
+    """One answer's text as it is produced: iterate it for the pieces. `completion_tokens`
+    counts as it goes; once the stream has ended, `finish_reason` is set ("stop" or
+    "length", as in Completion). close() ends it early and gives its session back."""
+
+    def __init__(self, steps: Iterator[list[int | None]], prompt_tokens: int, max_new_tokens: int, decode,
+                 eos: list[int], stop: list[str] | None):
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._steps, self._max, self._decode, self._eos, self._stop = steps, max_new_tokens, decode, set(eos), stop
+        self._ids: list[int] = []
+        self._pieces = self._run()
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self._steps.close()
+
+    def _tokens(self) -> Iterator[int]:
+        for step in self._steps:
+            self._ids.append(step[0])
+            self.completion_tokens = len(self._ids)
+            yield step[0]
+
+    def _run(self) -> Iterator[str]:
+        try:
+            yield from text.stream_pieces(self._tokens(), self._decode, self._eos, self._stop)
+        finally:
+            self._steps.close()
+        ids = self._ids
+        stopped = bool(ids) and ids[-1] in self._eos
+        if self._stop and not stopped:
+            stopped = StopChecker(self._stop).check(self._decode(ids)) is not None
+        self.finish_reason = "stop" if stopped or len(ids) < self._max else "length"
+
+
+def _fit(default: int, prompt_length: int, max_length: int) -> int:
+    """A default max_new_tokens capped to what the context leaves after the prompt (at
+    least 1, so that a prompt too long on its own is refused by check_room by name)."""
+    return max(1, min(default, max_length - prompt_length + 1))
 
 
 class ConversationBusyError(RuntimeError):
@@ -311,8 +392,9 @@ class Conversation:
     Threads that chat at once each take their own pipe.conversation().
     """
 
-    def __init__(self, pipe: Pipeline, max_length: int | None = None):
+    def __init__(self, pipe: Pipeline, max_length: int | None = None, system: str | None = None):
         self.pipe = pipe
+        self.system = system
         self.session = pipe.session(1, max_length)
         self.history: list[int] = []   # every token in the cache (the repetition penalty reads it)
         self.unfed: list[int] = []     # the last answer's end: sampled, not yet in the cache
@@ -335,11 +417,13 @@ class Conversation:
 
     def _turn(self, items, max_new_tokens, stop, video_frames, sampling) -> Iterator[str]:
         pipe = self.pipe
+        chosen = max_new_tokens is not None
         max_new_tokens = pipe._max_new_tokens(max_new_tokens)
         sampler = Sampler(SamplingConfig(**sampling))
-        ids, visual = pipe.family.chat_turn(items, video_frames, continuing=bool(self.history))
-        # The previous answer's end (its EOS) goes in first, as in the training sequences.
-        ids = self.unfed + ids if self.history else ids
+        # The previous answer's unfed end goes in first; the family says how it closes.
+        ids, visual = pipe.family.chat_turn(items, video_frames, self.unfed if self.history else None, self.system)
+        if not chosen:
+            max_new_tokens = _fit(max_new_tokens, len(self.history) + len(ids), self.session.max_length)
         text.check_room(len(self.history) + len(ids), max_new_tokens, self.session.max_length,
                         "; or start a new conversation")
         out = self.session.extend([ids], visual) if self.history else self.session.prefill([ids], visual)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from emu_edge.runtime.decoder import ContextTooLongError
+from emu_edge.runtime.families.llm import no_system
 from emu_edge.runtime.images import load_image, preprocess, sample_frames, to_pil
 from emu_edge.runtime.prompt import Encoded, PromptBuilder
 from emu_edge.runtime.schedulers import initial_noise, make_scheduler
@@ -83,18 +84,22 @@ class Emu2:
             encoded = self.builder.encode(task, segs, generate=generate)
         return encoded
 
-    def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames):
+    def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames,
+                     system: str | None = None):
         """Token rows and the visual embeddings of all rows, in order."""
+        no_system(system)
         budget = self.pipe.max_length - max_new_tokens + 1
         encoded = [self.encode_items(items, "text", template, video_frames, budget if truncate else None)
                    for items in batch]
         return [e.ids for e in encoded], self.encode_visuals([v for e in encoded for v in e.visuals])
 
-    def chat_turn(self, items, video_frames, continuing: bool):
-        """A conversation turn's new ids: later turns continue the cached sequence, so the
-        sequence start is not written again (as in the training sequences)."""
+    def chat_turn(self, items, video_frames, previous: list[int] | None, system: str | None = None):
+        """A conversation turn's new ids: later turns (previous: the last answer's unfed
+        end, its EOS) continue the cached sequence after that EOS, so the sequence start is
+        not written again (as in the training sequences)."""
+        no_system(system)
         encoded = self.encode_items(items, "text", "chat", video_frames)
-        ids = encoded.ids[len(self.builder.begin_ids):] if continuing else encoded.ids
+        ids = encoded.ids if previous is None else previous + encoded.ids[len(self.builder.begin_ids):]
         return ids, self.encode_visuals(encoded.visuals)
 
     # -- images in -------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class Emu3:
         self.spec = model.emu3
         self.bos = [model.bos_token_id] if model.bos_token_id is not None else []
         self.layout = model.prompt          # the folder's chat template, rendered at export (or None)
-        self.system: str | None = None      # a system prompt for text_prompts and conversations
+        self.eos = set(model.eos_ids())
         visual = np.zeros(model.vocab_size, bool)
         visual[self.spec.visual_ids().start:self.spec.visual_ids().stop] = True
         self._visual_mask = visual   # read-only after this: shared by threads
@@ -93,42 +93,57 @@ class Emu3:
         images = iter(self.encode_images([v for kind, v in segs if kind == "image"]))
         return [self._encode(value) if kind == "text" else next(images) for kind, value in segs]
 
-    def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames):
+    def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames,
+                     system: str | None = None):
         """Token rows for interleaved prompts (the image tokens are ordinary ids: no visual
         embeddings travel beside the rows). With the manifest's prompt layout (the folder's
-        chat template), one user turn and the assistant opening, after `self.system` if set;
-        without one, BOS then the items. truncate: the oldest items are dropped until the
-        prompt fits."""
+        chat template), one user turn and the assistant opening, after the system prompt if
+        one is given; without one, BOS then the items. truncate: the oldest items are
+        dropped until the prompt fits."""
+        self._check_system(system)
         budget = self.pipe.max_length - max_new_tokens + 1
         rows = []
         for items in batch:
             content = self._content(items)
-            row = self._row(content)
+            row = self._row(content, system)
             while truncate and len(row) > budget:
                 if len(content) == 1:
                     raise ContextTooLongError(f"even the last item alone needs {len(row)} tokens, beyond "
                                               f"the {budget} that max_length {self.pipe.max_length} leaves")
                 content = content[1:]
-                row = self._row(content)
+                row = self._row(content, system)
             rows.append(row)
         return rows, None
 
-    def _row(self, content) -> list[int]:
-        if self.layout is None:
-            return self.bos + [t for kind, value in content for t in (self._encode(value) if kind == "text" else value)]
-        return self._layout_ids([(content, None)], self.system, True, start=True)
+    def _check_system(self, system: str | None) -> None:
+        if system is not None and self.layout is None:
+            raise ValueError("this bundle has no prompt layout (its folder had no chat template), so no system "
+                             "prompt")
 
-    def chat_turn(self, items, video_frames, continuing: bool):
-        """A conversation turn's new ids. With a prompt layout: the earlier answer's close
-        (continuing), a user turn and the assistant opening; the layout's start and the
-        system prompt (`self.system`) on the first turn only. Without one: BOS on the first
-        turn only, then the items."""
+    def _row(self, content, system: str | None) -> list[int]:
+        if self.layout is None:
+            return self.bos + self._flat(content)
+        return self._layout_ids([(content, None)], system, True, start=True)
+
+    def _flat(self, content) -> list[int]:
+        return [t for kind, value in content for t in (self._encode(value) if kind == "text" else value)]
+
+    def chat_turn(self, items, video_frames, previous: list[int] | None, system: str | None = None):
+        """A conversation turn's new ids. previous: None on the first turn, else the last
+        answer's unfed end (its last sampled token, with an EOS after it if it was cut off).
+        With a prompt layout, as the chat template writes a conversation: the answer's
+        last text token but no EOS (the template writes none), the layout's close, a user
+        turn and the assistant opening; the layout's start and the system prompt on the
+        first turn only. Without one: BOS on the first turn, else the EOS kept, then the
+        items."""
+        self._check_system(system)
         content = self._content(items)
         if self.layout is None:
-            return ([] if continuing else self.bos) + [
-                t for kind, value in content for t in (self._encode(value) if kind == "text" else value)], None
-        return self._layout_ids([(content, None)], None if continuing else self.system, True,
-                                start=not continuing, after_answer=continuing), None
+            return (self.bos if previous is None else previous) + self._flat(content), None
+        if previous is None:
+            return self._layout_ids([(content, None)], system, True, start=True), None
+        tail = [t for t in previous if t not in self.eos]
+        return tail + self._layout_ids([(content, None)], None, True, start=False, after_answer=True), None
 
     def chat_ids(self, turns, system: str | None = None, generation: bool = True) -> list[int]:
         """The ids of a whole conversation through the prompt layout: turns are (items,

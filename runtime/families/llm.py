@@ -19,10 +19,20 @@ class LLM:
             raise ValueError("empty prompt")
         return self.pipe.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
 
-    def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames):
+    def text_prompts(self, batch, template: str, truncate: bool, max_new_tokens: int, video_frames,
+                     system: str | None = None):
         """(token rows, visual embeddings: none here)."""
+        no_system(system)
         return [self._encode(prompt) for prompt in batch], None
 
-    def chat_turn(self, items, video_frames, continuing: bool):
-        """A conversation turn's new ids (the tokenizer's start tokens on the first turn only)."""
-        return self._encode(items, add_special_tokens=not continuing), None
+    def chat_turn(self, items, video_frames, previous: list[int] | None, system: str | None = None):
+        """A conversation turn's new ids: the previous answer's unfed end (its EOS), then
+        the text (the tokenizer's start tokens on the first turn only, previous None)."""
+        no_system(system)
+        return (previous or []) + self._encode(items, add_special_tokens=previous is None), None
+
+
+def no_system(system: str | None) -> None:
+    if system is not None:
+        raise ValueError("this bundle's prompts have no system prompt (only a bundle whose prompt layout "
+                         "has one, from an Emu3 folder's chat template, takes system=)")

@@ -33,6 +33,14 @@ def test_caption_and_ask(emu3_bundle, tmp_path, capsys):
     assert main(["ask", str(image), "w5 w6", "--bundle", str(emu3_bundle), "--max-new-tokens", "4"]) == 0
 
 
+@pytest.mark.parametrize("bundle", ["emu3", "emu2"])
+def test_a_system_prompt_without_a_layout_is_a_one_line_error(emu3_bundle, tiny_bundle, tmp_path, capsys, bundle):
+    path = emu3_bundle if bundle == "emu3" else tiny_bundle   # neither has a system slot
+    assert main(["ask", str(_image(tmp_path)), "w5", "--bundle", str(path), "--system", "w9"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "system prompt" in err
+
+
 def test_generate_takes_the_emu3_options(emu3_bundle, tmp_path, capsys):
     from emu_edge.runtime.pipeline import Pipeline
 

@@ -322,11 +322,7 @@ def test_chat_prompts_equal_apply_chat_template(emu3_chat, n_turns, system):
     want, _, _, _ = reference_chat_ids(pipe, model, tok, turns, system, images)
     assert ours == want
     if n_turns == 1:
-        pipe.family.system = system
-        try:
-            assert pipe.family.text_prompts([turns[0][0]], "auto", False, 8, None)[0][0] == want
-        finally:
-            pipe.family.system = None
+        assert pipe.family.text_prompts([turns[0][0]], "auto", False, 8, None, system)[0][0] == want
 
 
 def test_chat_layout_greedy_text_equals_transformers(emu3_chat):
@@ -348,6 +344,64 @@ def test_chat_layout_greedy_text_equals_transformers(emu3_chat):
     chat = pipe.conversation()
     assert chat.ask([image, "w5 w6"], max_new_tokens=8) == pipe.generate_text([image, "w5 w6"], max_new_tokens=8)
     assert chat.history[:len(filled)] == filled
-    # a later turn continues the cache: the answer's close, then a user turn and the opening
-    assert pipe.family.chat_turn(["w9"], None, continuing=True)[0] == pipe.family._encode(" USER: w9 ASSISTANT:")
+    # a later turn continues the cache: the answer's close (no EOS: the template writes
+    # none), then a user turn and the opening
+    eos = pipe.manifest.model.eos_token_id
+    assert pipe.family.chat_turn(["w9"], None, [eos])[0] == pipe.family._encode(" USER: w9 ASSISTANT:")
     assert isinstance(chat.ask(["w9"], max_new_tokens=2), str)
+    assert eos not in chat.history
+
+
+@pytest.mark.parametrize("system", [None, "w9 w10"])
+def test_later_conversation_turns_equal_the_rerendered_template(emu3_chat, system):
+    """A conversation's cache after answer and next turn holds what apply_chat_template
+    writes for the whole conversation: answered in full (EOS sampled) or cut off
+    (max_new_tokens; its last token still unfed)."""
+    from PIL import Image
+
+    pipe, model, tok = emu3_chat
+    eos = pipe.manifest.model.eos_token_id
+    image = Image.fromarray((np.random.default_rng(3).random((16, 16, 3)) * 255).astype(np.uint8))
+    first = pipe.family.chat_ids([([image, "w5 w6"], None)], system=system)
+    assert first == pipe.family.chat_turn([image, "w5 w6"], None, None, system)[0]
+    whole = pipe.family.chat_ids([([image, "w5 w6"], "w7 w8"), (["w11"], None)], system=system)
+    assert whole == reference_chat_ids(pipe, model, tok, [([image, "w5 w6"], "w7 w8"), (["w11"], None)], system,
+                                       [image])[0]
+    w7, w8 = pipe.family._encode("w7 w8")
+    assert first + [w7, w8] + pipe.family.chat_turn(["w11"], None, [eos])[0] == whole
+    assert first + [w7] + pipe.family.chat_turn(["w11"], None, [w8, eos])[0] == whole
+
+    chat = pipe.conversation(system=system)
+    chat.ask([image, "w5 w6"], max_new_tokens=3)
+    chat.ask(["w11"], max_new_tokens=2)
+    assert chat.history[:len(first)] == first and eos not in chat.history
+
+
+def test_system_prompt_per_call_and_refused_without_a_layout(emu3_chat, emu3):
+    pipe, _, _ = emu3_chat
+    rows = pipe.family.text_prompts([["w5"]], "auto", False, 4, None, "w9 w10")[0]
+    assert rows[0] == pipe.family.chat_ids([(["w5"], None)], system="w9 w10")
+    assert rows[0] != pipe.family.text_prompts([["w5"]], "auto", False, 4, None)[0][0]
+    assert pipe.generate_text("w5", max_new_tokens=3, system="w9 w10") == pipe.tokenizer.decode(
+        pipe.generate_ids(rows[0], max_new_tokens=3), skip_special_tokens=True).strip()
+    plain, _ = emu3("f2")   # its folder has no chat template
+    with pytest.raises(ValueError, match="no prompt layout"):
+        plain.generate_text("w5", max_new_tokens=2, system="w9")
+
+
+def test_a_default_max_new_tokens_is_capped_to_the_context(emu3):
+    """The bundle's default answer length (large for Emu3's folders) is cut to what the
+    context leaves: finish_reason "length"; a length the caller chose is still refused."""
+    pipe, _ = emu3("f2")
+    short = Pipeline.load(pipe.bundle, threads=1, max_length=20)
+    (done,) = short.complete_batch(["w5 w6 w7"], ignore_eos=True)
+    assert done.prompt_tokens == 4 and done.completion_tokens == 20 - 4 + 1
+    assert done.finish_reason == "length"
+    (alone,) = short.complete_batch(["w5 w6 w7"])
+    stream = short.stream_text("w5 w6 w7")
+    assert stream.finish_reason is None and "".join(stream).strip() == alone.text
+    assert (stream.finish_reason, stream.completion_tokens) == (alone.finish_reason, alone.completion_tokens)
+    with pytest.raises(ContextTooLongError, match="max_new_tokens"):
+        short.generate_text("w5 w6 w7", max_new_tokens=18)
+    (few,) = short.complete_batch(["w5 w6 w7"], max_new_tokens=2, ignore_eos=True)
+    assert few.finish_reason == "length" and few.completion_tokens == 2
