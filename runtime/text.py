@@ -78,30 +78,58 @@ def collect(steps: Iterator[list[int | None]], rows: int) -> list[list[int]]:
     return new
 
 
+class PieceDecoder:
+    """The text of one row's tokens as it grows: `push(token)` returns the new text that is
+    safe to show (text that may be the start of a stop string is held back until it is
+    known not to be, and a partial UTF-8 sequence until its rest arrives); `stopped` is set
+    at EOS or a stop string; `finish()` returns the rest."""
+
+    def __init__(self, decode: Callable[[list[int]], str], eos: set[int], stop: list[str] | None):
+        self.decode, self.eos = decode, eos
+        self.checker = StopChecker(stop) if stop else None
+        self.ids: list[int] = []
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if token in self.eos:
+            self.stopped = True
+            return ""
+        self.ids.append(token)
+        self.text = self.decode(self.ids).lstrip()
+        if self.checker is not None:
+            cut = self.checker.check(self.text)
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.stopped = True
+                return ""
+            safe = self.checker.safe_length(self.text)
+        else:
+            safe = len(self.text)
+        # A partial UTF-8 sequence decodes to U+FFFD; wait for the rest.
+        if safe > self.shown and "\ufffd" not in self.text[self.shown:safe]:
+            piece, self.shown = self.text[self.shown:safe], safe
+            return piece
+        return ""
+
+    def finish(self) -> str:
+        rest = self.text.rstrip()
+        piece = rest[self.shown:]
+        self.shown = max(self.shown, len(rest))
+        return piece
+
+
 def stream_pieces(tokens: Iterator[int], decode: Callable[[list[int]], str], eos: set[int],
                   stop: list[str] | None) -> Iterator[str]:
-    """Decoded text increments for a stream of token ids. Text that may be the start of a
-    stop string is held back until it is known not to be."""
-    checker = StopChecker(stop) if stop else None
-    ids: list[int] = []
-    shown = 0
-    text = ""
+    """Decoded text increments for a stream of token ids (a PieceDecoder's pieces)."""
+    row = PieceDecoder(decode, eos, stop)
     for token in tokens:
-        if token in eos:
+        piece = row.push(token)
+        if piece:
+            yield piece
+        if row.stopped:
             break
-        ids.append(token)
-        text = decode(ids).lstrip()
-        if checker is not None:
-            cut = checker.check(text)
-            if cut is not None:
-                text = text[:cut]
-                break
-            safe = checker.safe_length(text)
-        else:
-            safe = len(text)
-        # A partial UTF-8 sequence decodes to U+FFFD; wait for the rest.
-        if safe > shown and "\ufffd" not in text[shown:safe]:
-            yield text[shown:safe]
-            shown = safe
-    if len(text.rstrip()) > shown:
-        yield text.rstrip()[shown:]
+    rest = row.finish()
+    if rest:
+        yield rest

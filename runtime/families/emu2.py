@@ -102,6 +102,22 @@ class Emu2:
         ids = encoded.ids if previous is None else previous + encoded.ids[len(self.builder.begin_ids):]
         return ids, self.encode_visuals(encoded.visuals)
 
+    def chat_prompt(self, turns, system: str | None = None):
+        """A whole conversation as one prompt: turns are (items, answer or None), the last
+        one unanswered; each answer is followed by EOS and the next turn continues the
+        sequence, as in Conversation and the training sequences. -> (ids, visuals)."""
+        no_system(system)
+        eos = self.pipe.manifest.model.eos_ids()
+        ids: list[int] = []
+        visuals = []
+        for i, (items, answer) in enumerate(turns):
+            encoded = self.encode_items(items, "text", "chat")
+            ids += encoded.ids if i == 0 else encoded.ids[len(self.builder.begin_ids):]
+            visuals += encoded.visuals
+            if answer is not None:
+                ids += self.pipe.tokenizer.encode(answer, add_special_tokens=False).ids + eos[:1]
+        return ids, self.encode_visuals(visuals)
+
     # -- images in -------------------------------------------------------------------------
 
     def encode_visuals(self, visuals) -> np.ndarray | None:
@@ -218,6 +234,20 @@ class Emu2:
         cond = self.regress([self.encode_items(items, "image") for items in batch])
         images = self.denoise(cond, steps, guidance, scheduler, seed, progress)
         return [to_pil(x, value_range=(-1, 1)) for x in images]
+
+    def image_sizes(self) -> str:
+        """The sizes this bundle draws, in words (one: the U-Net's)."""
+        return f"{self.spec.image_size}x{self.spec.image_size}"
+
+    def image_request(self, prompt: str, images=(), n: int = 1, width: int | None = None, height: int | None = None,
+                      guidance: float | None = None, steps: int | None = None, seed: int = 0,
+                      progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        """n images for a prompt, after the given images (subject-driven): the one call
+        that the two families share (a server's image routes)."""
+        side = self.spec.image_size
+        if (width or side, height or side) != (side, side):
+            raise ValueError(f"this bundle draws {self.image_sizes()} images only, not {width}x{height}")
+        return self.generate_image_batch([[*images, prompt]] * n, steps, guidance, seed=seed, progress=progress)
 
     def autoencode(self, image, steps: int | None = None, guidance: float | None = None,
                    scheduler: str | None = None, seed: int = 0) -> Image.Image:

@@ -155,6 +155,16 @@ class Emu3:
         return self._layout_ids([(self._content(items), answer) for items, answer in turns], system, generation,
                                 start=True)
 
+    def chat_prompt(self, turns, system: str | None = None):
+        """A whole conversation as one prompt (chat_ids), -> (ids, no visuals)."""
+        if self.layout is None and len(turns) > 1:
+            raise ValueError("this bundle has no prompt layout (its folder had no chat template), so it takes one "
+                             "user message, not a conversation")
+        if self.layout is None:
+            self._check_system(system)
+            return self._row(self._content(turns[0][0]), None), None
+        return self.chat_ids(turns, system), None
+
     def _content(self, items) -> list[tuple[str, object]]:
         """Items -> ("text", str) and ("image", block ids), the images encoded in one call."""
         segs = self._segments(items)
@@ -406,6 +416,23 @@ class Emu3:
                 # The unconditional rows follow the same image: they are fed the chosen token.
                 out = text.decode_step(session, np.concatenate([tokens, tokens]) if guided else tokens)
         return out_ids
+
+    def image_sizes(self) -> str:
+        """The sizes this bundle draws, in words."""
+        f, side = self.spec.spatial_factor, self.image_codes_size(None, None)[0] * self.spec.spatial_factor
+        return (f"width and height multiples of {f} pixels (default {side}x{side}), up to what max_length "
+                f"{self.pipe.max_length} holds")
+
+    def image_request(self, prompt: str, images=(), n: int = 1, width: int | None = None, height: int | None = None,
+                      guidance: float | None = None, steps: int | None = None, seed: int = 0,
+                      progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        """n images for a prompt: the one call that the two families share (a server's
+        image routes). Emu3 draws from text alone, without denoising steps."""
+        if images:
+            raise ValueError("emu3 bundles draw from a text prompt only; they do not edit images")
+        if steps is not None:
+            raise ValueError("emu3 bundles write images token by token: there are no denoising steps")
+        return self.generate_image_batch([prompt] * n, height, width, guidance, seed=seed, progress=progress)
 
     def decode_image_ids(self, ids: np.ndarray, rows: int, cols: int) -> list[Image.Image]:
         """Generated image tokens [B, >= rows * (cols + 1)] -> PIL images: the EOL column

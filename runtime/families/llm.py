@@ -32,6 +32,11 @@ class LLM:
         return (previous or []) + self._encode(items, add_special_tokens=previous is None), None
 
 
+    def chat_prompt(self, turns, system: str | None = None):
+        raise ValueError("this bundle is text-only (family llm) and takes one user message: its folder's chat "
+                         "template is not exported")
+
+
 def no_system(system: str | None) -> None:
     if system is not None:
         raise ValueError("this bundle's prompts have no system prompt (only a bundle whose prompt layout "
