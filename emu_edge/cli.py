@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("emu_edge.runtime.cli", "generate an image from a prompt"),
     "demo": ("emu_edge.runtime.demo", "run the demo on the shipped model"),
     "bench": ("emu_edge.runtime.bench", "measure a bundle's latency, throughput and memory on this device"),
+    "serve": ("emu_edge.serve.cli", "serve a bundle over an OpenAI-compatible HTTP API"),
 }
 
 

@@ -1,0 +1,1 @@
+"""`emu-edge serve`: the runtime behind an OpenAI-compatible HTTP server (LitServe)."""

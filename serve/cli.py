@@ -1,0 +1,84 @@
+"""`emu-edge serve`: an OpenAI-compatible server of one bundle, on 127.0.0.1 by default.
+
+    emu-edge serve [--bundle DIR] [--host 127.0.0.1] [--port 8000] [--max-batch N]
+                   [--batch-timeout S] [--api-key KEY] [--max-queue N] [--timeout S]
+
+Concurrent requests are gathered for --batch-timeout seconds into batches of up to
+--max-batch jobs (greedy answers share one decode). SIGINT and SIGTERM both stop the
+HTTP process and the inference worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--bundle", type=Path, help="the bundle to serve (default: the shipped model)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=4, help="jobs run together (default 4)")
+    parser.add_argument("--batch-timeout", type=float, default=0.05,
+                        help="seconds a batch waits for more requests (default 0.05)")
+    parser.add_argument("--api-key", default=os.environ.get("EMU_EDGE_API_KEY"),
+                        help="require Authorization: Bearer KEY on /v1 routes (default: $EMU_EDGE_API_KEY, else none)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests queued or running before new ones get 429 (default 64)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds from arrival until a request answers 504 (default 120)")
+    parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default 16 MB)")
+    parser.add_argument("--max-images", type=int, default=4, help="images in one request (default 4)")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                        help="largest input image, in pixels (default 4096 x 4096)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per graph (default: onnxruntime's)")
+    parser.add_argument("--stop-after", type=float, default=None,
+                        help="stop by itself after this many seconds (tests, timed demos)")
+
+
+def run(args) -> int:
+    import litserve as ls
+
+    from emu_edge.runtime.bundle import Bundle
+    from emu_edge.runtime.shipped import default_bundle
+    from emu_edge.serve.app import GENERIC_ID, EmuAPI, EmuSpec
+    from emu_edge.serve.requests import Limits
+
+    for name in ("max_batch", "max_queue", "max_images", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.batch_timeout < args.timeout:
+        raise ValueError("--batch-timeout must be >= 0 and below --timeout")
+    path = args.bundle if args.bundle is not None else default_bundle(log=lambda *a: print(*a, file=sys.stderr))
+    bundle = Bundle.open(path)   # a broken bundle fails here, in one line, not in the worker
+    name = model_name(bundle)
+    spec = EmuSpec([GENERIC_ID] + ([name] if name != GENERIC_ID else []),
+                   Limits(max_images=args.max_images, max_image_pixels=args.max_image_pixels, timeout=args.timeout),
+                   api_key=args.api_key, max_queue=args.max_queue)
+    api = EmuAPI(str(bundle.path), args.threads, spec, args.max_batch, args.batch_timeout)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=args.timeout,
+                          max_payload_size=int(args.max_body_mb * 1024 * 1024))
+    # LitServe stops its workers on SIGINT but orphans them on SIGTERM: make both the same.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    if args.stop_after is not None:
+        timer = threading.Timer(args.stop_after, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+    print(f"serving {bundle.path} as {', '.join(spec.model_ids)} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    try:
+        server.run(host=args.host, port=args.port, num_api_servers=1, generate_client_file=False,
+                   log_level="warning")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def model_name(bundle) -> str:
+    """The bundle's own model name: the checkpoint or folder it was exported from."""
+    source = bundle.manifest.model.source or {}
+    return str(source.get("checkpoint") or source.get("llm") or bundle.path.name)

@@ -1,0 +1,382 @@
+"""`emu-edge serve` through the official openai client, on 127.0.0.1 only: the shipped
+model and a tiny Emu3 folder behind the same routes, answers equal to the Python API's,
+batching that changes no tokens, and a 4xx (never a 500 or a dead worker) for each kind
+of bad request. Each server is a subprocess that stops by itself (--stop-after) if the
+test does not stop it first (SIGTERM, checked to leave no process behind)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+
+from tiny_models import make_emu3_bundle  # noqa: E402
+from emu_edge.runtime.pipeline import Pipeline  # noqa: E402
+from emu_edge.runtime.sampling import Sampler  # noqa: E402
+
+KEY = "test-key-123"
+
+
+class Server:
+    def __init__(self, bundle, *options: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        # its own session: the server, its HTTP process and its worker share one group
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "emu_edge.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
+             "--threads", "1", "--stop-after", "400", *options],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"the server did not start: {self.process.stdout.read()}")
+            time.sleep(0.3)
+
+    def client(self, api_key: str = "none", **kwargs):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
+
+    def post(self, path: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    def stop(self) -> None:
+        """SIGTERM: the server stops its HTTP process and worker and exits."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        finally:
+            left = _group_members(self.process.pid)
+            if left:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        assert not left, f"processes left after SIGTERM: {left}"
+
+
+def _group_members(pgid: int) -> list[int]:
+    time.sleep(1.0)
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_message(image, text: str | None = None) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}}]
+    if text is not None:
+        content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def shapes(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    return [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def emu2(shipped_bundle):
+    server = Server(shipped_bundle, "--max-batch", "4", "--batch-timeout", "0.3", "--max-images", "2",
+                    "--max-image-pixels", str(100 * 100), "--max-body-mb", "1")
+    yield server, Pipeline.load(shipped_bundle, threads=1)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def emu3(tmp_path_factory):
+    bundle = make_emu3_bundle(tmp_path_factory.mktemp("serve_emu3"), "f2", image_area=64)
+    server = Server(bundle, "--api-key", KEY)
+    yield server, Pipeline.load(bundle, threads=1)
+    server.stop()
+
+
+# -- the routes ----------------------------------------------------------------------------
+
+
+def test_models_lists_the_bundle_by_both_names(emu2):
+    server, _ = emu2
+    client = server.client()
+    assert [m.id for m in client.models.list()] == ["emu-edge", "emu-edge-small"]
+    assert client.models.retrieve("emu-edge-small").id == "emu-edge-small"
+    with pytest.raises(openai.NotFoundError, match="'emu-edge', 'emu-edge-small'"):
+        client.models.retrieve("gpt-4")
+
+
+def test_chat_equals_the_python_api_alone_batched_and_streamed(emu2):
+    """Four concurrent requests (batched: the server saw batches of more than one) give
+    what each gets alone from the Pipeline; a stream's pieces join into the same text."""
+    server, pipe = emu2
+    client = server.client()
+    images = shapes(4)
+    prompts = [([images[0]], None), ([images[1]], "what colour is the shape?"), ([images[2]], "what shape is it?"),
+               ([images[3]], "is it large or small?")]
+    want = [pipe.generate_text(items + ([text] if text else [])) for items, text in prompts]
+    batches_before = server.metric("emu_edge_batch_size_count")
+    rows_before = server.metric("emu_edge_batch_size_sum")
+
+    def ask(i):
+        items, text = prompts[i]
+        return client.chat.completions.create(model="emu-edge", messages=image_message(items[0], text))
+
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.choices[0].message.content for r in results] == want
+    for r, (items, text) in zip(results, prompts):
+        rows, _ = pipe.family.text_prompts([items + ([text] if text else [])], "auto", False, 64, None)
+        assert r.usage.prompt_tokens == len(rows[0]) and r.usage.completion_tokens >= 1
+        assert r.choices[0].finish_reason == "stop"
+    # at least one batch held more than one request
+    assert server.metric("emu_edge_batch_size_sum") - rows_before > server.metric("emu_edge_batch_size_count") \
+        - batches_before
+
+    stream = client.chat.completions.create(model="emu-edge-small", messages=image_message(images[1], prompts[1][1]),
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == want[1]
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_max_tokens_ends_with_length_and_multi_turn_is_one_prompt(emu2):
+    server, pipe = emu2
+    client = server.client()
+    image = shapes(1)[0]
+    r = client.chat.completions.create(model="emu-edge", messages=image_message(image), max_tokens=2)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
+    assert r.choices[0].message.content == pipe.generate_text([image], max_new_tokens=2)
+
+    turns = [([image, "what shape is it?"], "a circle"), (["what colour is it?"], None)]
+    messages = image_message(image, "what shape is it?") + [
+        {"role": "assistant", "content": "a circle"}, {"role": "user", "content": "what colour is it?"}]
+    r = client.chat.completions.create(model="emu-edge", messages=messages, max_tokens=8)
+    ids, visual = pipe.family.chat_prompt(turns)
+    want = pipe._decode(pipe.generate([ids], 8, Sampler(), pipe.manifest.model.eos_ids(), visual)[0]).strip()
+    assert r.choices[0].message.content == want and r.usage.prompt_tokens == len(ids)
+
+
+def test_images_generate_and_edit_on_emu2(emu2):
+    server, pipe = emu2
+    client = server.client()
+    out = client.images.generate(model="emu-edge", prompt="a red circle", n=2, size="32x32",
+                                 response_format="b64_json", extra_body={"seed": 3, "steps": 4, "guidance": 2.0})
+    got = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json)))) for d in out.data]
+    want = pipe.image_request("a red circle", n=2, guidance=2.0, steps=4, seed=3)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, np.asarray(w))
+    buffer = io.BytesIO()
+    shapes(1)[0].save(buffer, format="PNG")
+    edit = client.images.edit(model="emu-edge", image=("in.png", buffer.getvalue(), "image/png"),
+                              prompt="make it blue", extra_body={"steps": 3, "seed": 1})
+    assert Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json))).size == (32, 32)
+    with pytest.raises(openai.BadRequestError, match="32x32 images only"):
+        client.images.generate(model="emu-edge", prompt="a red circle", size="1024x1024")
+
+
+# -- bad requests: a 4xx with a message, and the server goes on --------------------------
+
+
+@pytest.mark.parametrize("case", [
+    "malformed_json", "not_an_object", "bad_base64", "not_an_image", "too_many_pixels", "too_many_images",
+    "remote_url", "prompt_too_long", "max_tokens_too_large", "negative_temperature", "nan_top_p", "empty_messages",
+    "last_message_assistant", "unknown_size", "url_format", "body_too_large"])
+def test_bad_requests_get_a_4xx_with_a_message(emu2, case):
+    server, _ = emu2
+    image = shapes(1)[0]
+    ok_messages = image_message(image)
+
+    def chat(**fields):
+        return server.post("/v1/chat/completions", json.dumps({"model": "emu-edge", **fields}).encode())
+
+    if case == "malformed_json":
+        status, body = server.post("/v1/chat/completions", b'{"model": "emu-edge", "messages": [')
+    elif case == "not_an_object":
+        status, body = server.post("/v1/chat/completions", b"[1, 2]")
+    elif case == "bad_base64":
+        status, body = chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64"}}]}])
+    elif case == "not_an_image":
+        url = "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode()
+        status, body = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    elif case == "too_many_pixels":
+        status, body = chat(messages=image_message(Image.new("RGB", (101, 100))))
+    elif case == "too_many_images":
+        content = [{"type": "image_url", "image_url": {"url": data_url(image)}}] * 3
+        status, body = chat(messages=[{"role": "user", "content": content}])
+    elif case == "remote_url":
+        status, body = chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}])
+    elif case == "prompt_too_long":
+        status, body = chat(messages=[{"role": "user", "content": "red " * 2000}])
+    elif case == "max_tokens_too_large":
+        status, body = chat(messages=ok_messages, max_tokens=10**6)
+    elif case == "negative_temperature":
+        status, body = chat(messages=ok_messages, temperature=-1)
+    elif case == "nan_top_p":
+        status, body = server.post("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                           b'"top_p": NaN}')
+    elif case == "empty_messages":
+        status, body = chat(messages=[])
+    elif case == "last_message_assistant":
+        status, body = chat(messages=ok_messages + [{"role": "assistant", "content": "a circle"}])
+    elif case == "unknown_size":
+        status, body = server.post("/v1/images/generations", json.dumps({"prompt": "a red circle",
+                                                                         "size": "big"}).encode())
+    elif case == "url_format":
+        status, body = server.post("/v1/images/generations", json.dumps({"prompt": "a red circle",
+                                                                         "response_format": "url"}).encode())
+    elif case == "body_too_large":
+        status, body = chat(messages=[{"role": "user", "content": "x" * (2 * 1024 * 1024)}])
+    expected = 413 if case == "body_too_large" else 400
+    assert status == expected, body
+    if case != "body_too_large":
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    # the worker is alive and answers the next request
+    assert server.client().chat.completions.create(model="emu-edge", messages=ok_messages, max_tokens=2).choices
+
+
+def test_a_client_gone_mid_stream_leaks_nothing(emu2):
+    server, _ = emu2
+    image = shapes(1)[0]
+    request = urllib.request.Request(
+        f"{server.url}/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"messages": image_message(image), "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.readline().startswith(b"data: ")   # the first chunk, then hang up
+    deadline = time.monotonic() + 20
+    while server.metric("emu_edge_queue_depth") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metric("emu_edge_queue_depth") == 0
+    assert server.client().chat.completions.create(model="emu-edge", messages=image_message(image),
+                                                   max_tokens=2).choices
+
+
+# -- the Emu3 bundle behind the same routes, with an API key ------------------------------
+
+
+def test_emu3_chat_and_images_with_an_api_key(emu3):
+    server, pipe = emu3
+    with pytest.raises(openai.AuthenticationError):
+        server.client().models.list()
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").chat.completions.create(model="emu-edge", messages=[
+            {"role": "user", "content": "w5"}])
+    client = server.client(api_key=KEY)
+    image = shapes(1)[0].resize((12, 10))
+    r = client.chat.completions.create(model="emu-edge", messages=image_message(image, "w5 w6"), max_tokens=4)
+    assert r.choices[0].message.content == pipe.generate_text([image, "w5 w6"], max_new_tokens=4)
+
+    out = client.images.generate(model="emu-edge", prompt="w5 w6", size="16x8", response_format="b64_json",
+                                 extra_body={"seed": 2, "guidance": 2.5})
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))))
+    want = pipe.generate_image("w5 w6", width=16, height=8, guidance=2.5, seed=2)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    with pytest.raises(openai.BadRequestError, match="multiple of"):
+        client.images.generate(model="emu-edge", prompt="w5", size="13x12")
+    with pytest.raises(openai.BadRequestError, match="do not edit"):
+        client.images.edit(model="emu-edge", image=("in.png", base64.b64decode(data_url(image).split(",")[1]),
+                                                    "image/png"), prompt="w5")
+
+
+# -- a full queue and a timeout ----------------------------------------------------------
+
+
+def test_a_full_queue_answers_429_and_a_late_request_504(tiny_bundle):
+    server = Server(tiny_bundle, "--max-queue", "1", "--timeout", "3", "--batch-timeout", "0")
+    try:
+        client = server.client()
+        results = {}
+
+        def slow():
+            try:
+                # about 7 s of denoising here: past the 3 s timeout
+                client.images.generate(model="emu-edge", prompt="a red circle", n=4, extra_body={"steps": 1000})
+            except openai.APIStatusError as e:
+                results["slow"] = e.status_code
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        time.sleep(1.0)
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="emu-edge", messages=[{"role": "user", "content": "a red circle"}])
+        thread.join(timeout=60)
+        assert results["slow"] == 504
+        r = client.chat.completions.create(model="emu-edge", messages=[{"role": "user", "content": "a"}],
+                                           max_tokens=2)
+        assert r.choices and math.isfinite(r.usage.total_tokens)
+    finally:
+        server.stop()
+
+
+# -- the engine alone ----------------------------------------------------------------------
+
+
+def test_a_bad_job_in_a_batch_leaves_its_neighbours_alone(tiny_bundle):
+    """One batch: a prompt beyond the context answers 400 at once; the others run as one
+    decode and get what generate_text gives each alone (one with its own max_tokens)."""
+    from emu_edge.serve.engine import Engine
+    from emu_edge.serve.requests import TextJob
+
+    pipe = Pipeline.load(tiny_bundle, threads=1)
+    jobs = [TextJob(turns=[(["a red circle"], None)]), TextJob(turns=[(["red " * 2000], None)]),
+            TextJob(turns=[(["a blue square"], None)], max_tokens=3)]
+    texts, done, errors = ["", "", ""], [None] * 3, [None] * 3
+    for events in Engine(pipe).run(jobs):
+        for i, event in enumerate(events):
+            if event is None:
+                continue
+            texts[i] += event.get("text", "")
+            done[i] = event.get("done", done[i])
+            errors[i] = event.get("error", errors[i])
+    assert errors[1]["status"] == 400 and "max_length" in errors[1]["message"] and done[1] is None
+    assert texts[0].strip() == pipe.generate_text("a red circle") and errors[0] is None
+    assert texts[2].strip() == pipe.generate_text("a blue square", max_new_tokens=3)
+    assert done[0]["batch"] == done[2]["batch"] == 2 and done[2]["completion_tokens"] <= 3
