@@ -7,6 +7,12 @@ same folder). `overwrite` replaces only a bundle (a folder holding manifest.json
 empty folder, and never a folder the bundle is made from. Each graph is checked
 (onnx.checker with full shape inference) and described in the manifest from the saved
 file itself: hash, I/O, operator domains, IR/opset and the oldest onnxruntime that runs it.
+
+A graph whose initializers exceed `external_data_threshold` (2 GB, protobuf's limit) keeps
+them in `NAME.onnx.data` beside it (ONNX external data). The decoder and embed graphs are
+built straight into that file (`spill(name)`, a DataFile given to their GraphBuilder), so
+export memory is a tensor or two rather than the whole float32 decoder; a graph that
+turns out small enough is read back into one file, the same bytes as built in memory.
 """
 
 from __future__ import annotations
@@ -23,6 +29,13 @@ from emu_edge.runtime.manifest import (MANIFEST_FILE, SCHEMA_VERSION, GraphSpec,
                                        ModelSpec)
 
 TWO_GB = 2 * 1024**3
+# What a DataFile takes: initializers of at least SPILL_MIN_BYTES (onnx.save_model's
+# size_threshold), each at an offset that is a multiple of DATA_ALIGNMENT (a page, so
+# onnxruntime can memory-map it; onnx allows up to 64 KiB), written in blocks of about
+# BLOCK_BYTES so that a transposed view is never copied whole.
+SPILL_MIN_BYTES = 1024
+DATA_ALIGNMENT = 4096
+BLOCK_BYTES = 64 * 1024**2
 BASE_ONNXRUNTIME = "1.16"
 # First onnxruntime release that reads each ONNX IR version / default-domain opset.
 _ORT_FOR_IR = {9: "1.16", 10: "1.18"}
@@ -110,6 +123,73 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
+class DataFile:
+    """A graph's external data file, written while the graph is built: `tensor(name, array)`
+    appends the array's bytes and returns a TensorProto that points at them (data_location
+    EXTERNAL; location, offset, length), so the proto in memory stays small."""
+
+    min_bytes = SPILL_MIN_BYTES
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.size = 0          # bytes in the file, alignment padding included
+        self.data_bytes = 0    # tensor bytes only
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        if array.dtype.kind not in "biuf" or array.ndim == 0:
+            raise BundleWriteError(f"initializer {name!r}: only numeric arrays of rank >= 1 go to external data, "
+                                   f"got {array.dtype} of shape {array.shape}")
+        offset = -(-self.size // DATA_ALIGNMENT) * DATA_ALIGNMENT
+        self.file.write(bytes(offset - self.size))
+        dtype = array.dtype.newbyteorder("<")   # ONNX raw data is little-endian
+        rows = max(1, BLOCK_BYTES * len(array) // max(array.nbytes, 1))
+        for start in range(0, len(array), rows):   # C order, block by block along axis 0
+            self.file.write(np.ascontiguousarray(array[start:start + rows], dtype=dtype).data)
+        self.size = offset + array.nbytes
+        self.data_bytes += array.nbytes
+        tensor = onnx.TensorProto(name=name, dims=array.shape,
+                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", array.nbytes)):
+            entry = tensor.external_data.add()   # onnx's keys, in its order
+            entry.key, entry.value = key, str(value)
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+    def single_file(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of the model with its tensors read back in, to be saved as one file: their
+        fields as numpy_helper.from_array makes them (cleared, not set to defaults), so the
+        file holds the bytes an in-memory build saves. A copy, not the model itself: protobuf
+        frees a message's memory only with the whole message."""
+        single = onnx.ModelProto()
+        single.CopyFrom(model)
+        with open(self.path, "rb") as f:
+            for tensor in single.graph.initializer:
+                if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = {e.key: e.value for e in tensor.external_data}
+                f.seek(int(info["offset"]))
+                tensor.raw_data = f.read(int(info["length"]))
+                tensor.ClearField("external_data")
+                tensor.ClearField("data_location")
+        return single
+
+
+def _check_locations(name: str, model: onnx.ModelProto, data: DataFile | None) -> None:
+    """Every external tensor must be in this graph's own data file."""
+    expected = data.path.name if data is not None else None
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location != expected:
+                raise BundleWriteError(
+                    f"graph {name!r}: initializer {tensor.name!r} is external data in {location!r}, not in the "
+                    f"file this writer made for it ({expected!r}); build it with spill=writer.spill({name!r})")
+
+
 def _remove_stale(out: Path) -> None:
     """Remove the temp folders (.NAME.partial-PID, .NAME.old-PID) that a killed writer of
     `out` left; those of a live process are its work in progress and stay."""
@@ -164,6 +244,7 @@ class BundleWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
         self.graphs: dict[str, GraphSpec] = {}
+        self.data_files: dict[str, DataFile] = {}
         self.tokenizer_file: str | None = None
         self.finished = False
 
@@ -175,7 +256,17 @@ class BundleWriter:
             self.abort()
 
     def abort(self) -> None:
+        for data in self.data_files.values():
+            data.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def spill(self, name: str) -> DataFile:
+        """The data file of graph `name`, for its GraphBuilder; add_graph(name, ...) keeps it
+        or reads it back into the graph."""
+        if name in self.graphs or name in self.data_files:
+            raise BundleWriteError(f"graph {name!r} was already added or is being built")
+        self.data_files[name] = DataFile(self.tmp / f"{name}.onnx.data")
+        return self.data_files[name]
 
     def add_graph(self, name: str, model: onnx.ModelProto, spec=None, precision: str = "fp32",
                   profiles: dict | None = None, dynamic_axes: dict | None = None,
@@ -194,11 +285,21 @@ class BundleWriter:
         file = f"{name}.onnx"
         path = self.tmp / file
         min_ort = min_onnxruntime_for(model)
+        data = self.data_files.pop(name, None)
+        _check_locations(name, model, data)
         external = []
-        if _initializer_bytes(model) > self.external_data_threshold:
+        if data is not None:
+            data.close()
+            if data.data_bytes + _initializer_bytes(model) > self.external_data_threshold:
+                onnx.save_model(model, path)   # the tensors are in the data file already
+                external.append({"file": data.path.name, "sha256": sha256_file(data.path)})
+            else:
+                onnx.save_model(data.single_file(model), path)
+                data.path.unlink()
+        elif _initializer_bytes(model) > self.external_data_threshold:
             data_file = f"{file}.data"
             onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_file, size_threshold=1024)
+                            location=data_file, size_threshold=SPILL_MIN_BYTES)
             external.append({"file": data_file, "sha256": sha256_file(self.tmp / data_file)})
         else:
             onnx.save_model(model, path)
@@ -236,6 +337,9 @@ class BundleWriter:
     def finish(self, model: ModelSpec) -> Path:
         if self.tokenizer_file is None:
             raise BundleWriteError("no tokenizer was written; call write_tokenizer() before finish()")
+        if self.data_files:
+            raise BundleWriteError(f"graph(s) {', '.join(self.data_files)} were built into a data file but never "
+                                   "added; call add_graph() for each")
         manifest = Manifest(schema_version=SCHEMA_VERSION, graphs=dict(self.graphs), model=model,
                             tokenizer=self.tokenizer_file)
         # Round-trip through the loader so a bundle the runtime would refuse is never written.

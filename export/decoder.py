@@ -71,8 +71,13 @@ class DecoderExportError(ValueError):
 
 
 class GraphBuilder:
-    def __init__(self, name: str):
+    """spill: where large initializers go as they are made (BundleWriter.spill(name), a
+    DataFile): the graph in memory then holds small protos that point into that file, and
+    an 8B decoder is never whole in memory. None: every initializer stays in the proto."""
+
+    def __init__(self, name: str, spill=None):
         self.name = name
+        self.spill = spill
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -96,8 +101,13 @@ class GraphBuilder:
         return out_names[0] if len(out_names) == 1 else out_names
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        # np.ascontiguousarray would turn a 0-d array into shape [1]
-        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        """array in any layout (a transposed view is fine): its bytes are written in C order."""
+        array = np.asarray(array)
+        if self.spill is not None and array.nbytes >= self.spill.min_bytes:
+            self.initializers.append(self.spill.tensor(name, array))
+        else:
+            # np.ascontiguousarray would turn a 0-d array into shape [1]
+            self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -129,7 +139,8 @@ class GraphBuilder:
 
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
         """y = x @ W.T + b with W [out, in] as stored by torch.nn.Linear."""
-        w = self.initializer(f"{name}.weight_t", np.ascontiguousarray(weight.T.astype(np.float32)))
+        # A transposed view: the initializer copies it once (in blocks when it spills).
+        w = self.initializer(f"{name}.weight_t", np.asarray(weight, dtype=np.float32).T)
         y = self.op("MatMul", x, w, name=f"{name}/MatMul")
         if bias is not None:
             b = self.initializer(f"{name}.bias", bias.astype(np.float32))
@@ -269,9 +280,10 @@ def resolve_attention(attention: str, head_dim: int) -> str:
 
 
 def build_decoder(desc: DecoderDescription, weights, attention: str, max_length: int,
-                  project_down: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
+                  project_down: tuple[np.ndarray, np.ndarray] | None = None, spill=None) -> onnx.ModelProto:
     """The KV-cached decoder graph. weights: canonical name -> array (a dict, or an
-    adapter's lazy reader: each tensor is read when its layer is built)."""
+    adapter's lazy reader: each tensor is read when its layer is built). spill: see
+    GraphBuilder; with one, at most a tensor or two are in memory at a time."""
     dims = desc.check()
     attention = resolve_attention(attention, dims.head_dim)
     if max_length < 1:
@@ -279,7 +291,7 @@ def build_decoder(desc: DecoderDescription, weights, attention: str, max_length:
     cos_table, sin_table = rope_tables(desc.rope_parameters, dims.head_dim, max_length)
     w = _WeightReader(weights)
 
-    g = GraphBuilder("decoder")
+    g = GraphBuilder("decoder", spill)
     x = x_in = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence", dims.hidden_size])
     pasts = []
     for i in range(dims.num_layers):

@@ -23,8 +23,8 @@ from emu_edge.export.decoder import DecoderDescription, DecoderExportError, Grap
 
 
 def build_embed(desc: DecoderDescription, weights, image_token_id: int | None = None,
-                project_up: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
-    """weights: canonical name -> array (only "embed.weight" is read)."""
+                project_up: tuple[np.ndarray, np.ndarray] | None = None, spill=None) -> onnx.ModelProto:
+    """weights: canonical name -> array (only "embed.weight" is read); spill: see GraphBuilder."""
     if "embed.weight" not in weights:
         raise DecoderExportError("the weights have no token embedding table ('embed.weight', canonical name)")
     table = np.asarray(weights["embed.weight"], dtype=np.float32)
@@ -37,7 +37,7 @@ def build_embed(desc: DecoderDescription, weights, image_token_id: int | None = 
     if (project_up is None) != (image_token_id is None):
         raise ValueError("project_up and image_token_id go together: give both or neither")
 
-    g = GraphBuilder("embed")
+    g = GraphBuilder("embed", spill)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
     embeds = g.op("Gather", g.initializer("embed_tokens.weight", table), ids, axis=0, name="tokens")
     if project_up is not None:

@@ -10,12 +10,15 @@
     prompt layout   the folder's chat template, rendered (export/chat_template.py); without
                     one (or one the layout cannot express: a printed line says so), none,
                     and the runtime writes BOS and the items as they are
+    max_length      room for the largest image the bundle will generate (`ImageRoom`)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 # Emu3Spec field -> the token's name in Emu3's tokenizer (transformers' Emu3Processor and
@@ -134,3 +137,108 @@ def emu3_chat_layout(folder: Path, bos_id: int | None, image_id: int | None):
         print(f"{folder / source}: the chat template is not written into the manifest ({e}); "
               "prompts are BOS and the items as given")
         return None, None
+
+
+# -- the context an image needs -------------------------------------------------------------
+
+# Prompt tokens (the text of a generation prompt) that a default max_length leaves room for
+# beside the largest image: Emu3's prompts are a sentence or two, and the runtime refuses
+# a longer one by name.
+PROMPT_BUDGET = 256
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """"HxW" (pixels, height first, as --height and --width) -> (height, width)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None:
+        raise Emu3FolderError(f"--max-image takes HEIGHTxWIDTH in pixels, e.g. 720x720; got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass(frozen=True)
+class ImageRoom:
+    """Positions in the decoder's cache that generating an image takes: the prompt header
+    Emu3Processor writes (BOS, BOI, "{rows}*{cols}", IMAGE_WRAPPER; the runtime's
+    image_prompt), PROMPT_BUDGET tokens of text, then rows * (cols + 1) + 1 image tokens
+    (each row of codes ends in EOL, then EOF)."""
+
+    factor: int          # pixels per code (the VQ-VAE's spatial factor)
+    tokenizer: object    # tokenizers.Tokenizer of the folder
+    bos: bool            # whether prompts start with BOS
+
+    @classmethod
+    def of_folder(cls, folder: Path, config_json: dict, bos_id: int | None) -> ImageRoom:
+        from tokenizers import Tokenizer
+        from transformers import Emu3VQVAEConfig
+
+        from emu_edge.export.vq import VQSettings
+
+        factor = VQSettings.from_config(Emu3VQVAEConfig(**(config_json.get("vq_config") or {}))).spatial_factor
+        return cls(factor, Tokenizer.from_file(str(folder / "tokenizer.json")), bos_id is not None)
+
+    def parts(self, height: int, width: int) -> tuple[int, int]:
+        """(prompt header tokens, image tokens) of a height x width image."""
+        rows, cols = height // self.factor, width // self.factor
+        size = self.tokenizer.encode(f"{rows}*{cols}", add_special_tokens=False).ids
+        return int(self.bos) + 1 + len(size) + 1, rows * (cols + 1) + 1
+
+    def positions(self, height: int, width: int) -> int:
+        return sum(self.parts(height, width)) + PROMPT_BUDGET
+
+    def default_size(self, image_area: int) -> tuple[int, int]:
+        """The square the runtime generates by default: image_area's side, to whole codes."""
+        side = max(1, round(math.sqrt(image_area) / self.factor)) * self.factor
+        return side, side
+
+    def check(self, height: int, width: int) -> None:
+        f = self.factor
+        if height % f or width % f or height < f or width < f:
+            below = f"{max(f, height // f * f)}x{max(f, width // f * f)}"
+            above = f"{-(-height // f) * f}x{-(-width // f) * f}"
+            nearest = below if below == above else f"{below} or {above}"
+            raise Emu3FolderError(f"--max-image {height}x{width}: height and width must be multiples of {f} pixels "
+                                  f"(the VQ-VAE's pixels per code); the nearest valid sizes are {nearest}")
+
+    def largest_square(self, max_length: int) -> int:
+        """The side in pixels of the largest square image that fits max_length (0: none)."""
+        side = 0
+        while self.positions(side + self.factor, side + self.factor) <= max_length:
+            side += self.factor
+        return side
+
+    def max_length(self, image_area: int, max_positions: int | None, requested: int | None,
+                   max_image: tuple[int, int] | None, log=print) -> int:
+        """The decoder's max_length: `requested` (--max-length) if given, else room for
+        max_image (--max-image), else for the default image, within max_positions (the
+        model's max_position_embeddings). One printed line says which, and why."""
+        if max_image is not None:
+            self.check(*max_image)
+        height, width = max_image or self.default_size(image_area)
+        image = f"a {height}x{width} image" + (" (--max-image)" if max_image else
+                                               f" (the folder's image_area, {image_area} pixels)")
+        header, tokens = self.parts(height, width)
+        needed = header + PROMPT_BUDGET + tokens
+        if requested is not None:
+            if requested < needed:
+                log(f"max_length {requested} (--max-length) is short of the {needed} positions {image} and a "
+                    f"{PROMPT_BUDGET}-token prompt need; {self._largest(requested)}")
+            else:
+                log(f"max_length {requested} (--max-length): room for {image} and a {PROMPT_BUDGET}-token prompt, "
+                    f"which need {needed}")
+            return requested
+        if max_positions is not None and needed > max_positions:
+            why = (f"{image} and a {PROMPT_BUDGET}-token prompt need {needed} positions, beyond the model's "
+                   f"max_position_embeddings {max_positions}; {self._largest(max_positions)}")
+            if max_image is not None:
+                raise Emu3FolderError(f"--max-image {height}x{width}: {why}")
+            log(f"max_length {max_positions} (max_position_embeddings): {why}")
+            return max_positions
+        log(f"max_length {needed}: {image} is {tokens} tokens with row ends and EOF, plus a {header}-token prompt "
+            f"header and {PROMPT_BUDGET} tokens of prompt (--max-image HxW sizes it for another image)")
+        return needed
+
+    def _largest(self, max_length: int) -> str:
+        side = self.largest_square(max_length)
+        if not side:
+            return f"no image fits with a {PROMPT_BUDGET}-token prompt"
+        return f"the largest square image that fits is {side}x{side}"

@@ -1,7 +1,7 @@
 """`emu-edge export-hf`: Hugging Face folders -> a bundle.
 
     emu-edge export-hf DIR [--vision DIR] [--unet DIR] --out BUNDLE
-                       [--attention auto|gqa|standard] [--max-length N]
+                       [--attention auto|gqa|standard] [--max-length N] [--max-image HxW]
     (--llm DIR is the older spelling of DIR)
 
 DIR is a transformers folder (config.json, *.safetensors, tokenizer.json) whose
@@ -12,7 +12,8 @@ DIR is a transformers folder (config.json, *.safetensors, tokenizer.json) whose
                                          --unet, an emu2 bundle
     Emu3ForConditionalGeneration         emu3: embed, decoder (the text model), vq_encoder,
                                          vq_decoder; the image settings from the folder's
-                                         own files (export/emu3_folder.py)
+                                         own files (export/emu3_folder.py); max_length by
+                                         default room for the largest image it generates
 
 Decoder weights are read per tensor with safetensors; the model class is never
 instantiated (Emu3's VQ-VAE is: the tracer needs its modules).
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from emu_edge.export.adapters import ADAPTERS, DecoderSource, open_folder
 from emu_edge.export.bundle_writer import BundleWriter
-from emu_edge.export.emu3_folder import emu3_chat_layout, read_emu3_folder
+from emu_edge.export.emu3_folder import ImageRoom, emu3_chat_layout, parse_image_size, read_emu3_folder
 from emu_edge.export.specs import ExportInputs, export_recipe
 from emu_edge.export.vq import load_vqmodel
 from emu_edge.runtime.manifest import Emu2Spec, Emu3Spec, KVSpec, ModelSpec
@@ -49,7 +50,12 @@ def add_arguments(parser) -> None:
                              "ops (standard, for TensorRT), or gqa where the head size allows (auto)")
     parser.add_argument("--max-length", type=int, default=None,
                         help=f"longest context the decoder supports (default: the model's "
-                             f"max_position_embeddings, at most {DEFAULT_MAX_LENGTH})")
+                             f"max_position_embeddings, at most {DEFAULT_MAX_LENGTH}; for an Emu3 folder, room "
+                             "for the largest image it generates, --max-image, and a prompt)")
+    parser.add_argument("--max-image", metavar="HxW",
+                        help="Emu3 folders: the largest image to generate, in pixels (multiples of the VQ-VAE's "
+                             "spatial factor); the default max_length makes room for it (default: the folder's "
+                             "image_area, square)")
     parser.add_argument("--vision", type=Path, help="a transformers CLIPVisionModel folder: vision_encoder.onnx")
     parser.add_argument("--unet", type=Path, help="a diffusers UNet2DConditionModel folder: unet.onnx")
     parser.add_argument("--n-query", type=int, default=64,
@@ -63,12 +69,16 @@ def run(args) -> int:
     if (args.folder is None) == (args.llm is None):
         raise ExportError("give the folder to export once: emu-edge export-hf DIR --out BUNDLE (or --llm DIR)")
     folder = args.folder or args.llm
+    max_image = None if args.max_image is None else parse_image_size(args.max_image)
     sources = [p for p in (folder, args.vision, args.unet) if p is not None]
     with BundleWriter(args.out, overwrite=args.overwrite, sources=sources) as writer:
         print(f"exporting to {writer.out}")
         llm = load_llm(folder)
         inputs = ExportInputs(llm=llm, attention=args.attention, max_length=llm.max_length(args.max_length))
         family = llm.source.adapter.family
+        if max_image is not None and family != "emu3":
+            raise ExportError(f"--max-image sizes the context for the images an Emu3 folder generates; {folder} is "
+                              f"a {llm.source.architecture} folder")
         emu3 = None
         if args.vision is not None or args.unet is not None:
             if family != "llm":
@@ -82,6 +92,9 @@ def run(args) -> int:
         elif family == "emu3":
             # Read (and checked) before any graph is traced: a bad folder fails in a second.
             emu3, emu3_sources = read_emu3_folder(llm.folder, llm.config_json)
+            room = ImageRoom.of_folder(llm.folder, llm.config_json, llm.token_id("bos_token_id"))
+            inputs.max_length = room.max_length(emu3["image_area"], llm.source.description.max_position_embeddings,
+                                                args.max_length, max_image)
             inputs.emu3, inputs.vqmodel = llm.folder, load_vqmodel(llm.folder)
         fields = export_recipe(family, writer, inputs)
         model = dict(fields["model"], family=family)
@@ -117,15 +130,18 @@ class LlmFolder:
             raise ExportError(f"--max-length must be >= 1, got {requested}")
         return requested
 
+    def token_id(self, key: str):
+        """A special token's id: generation_config.json's, else the text config's."""
+        return _token_id(self.generation, self.source.config.to_dict(), key=key)
+
     def model_fields(self, decoder_spec) -> dict:
-        d, config = self.source.description, self.source.config.to_dict()
+        d = self.source.description
         return dict(
             vocab_size=d.vocab_size, hidden_size=d.hidden_size, max_length=decoder_spec.max_length,
             kv=KVSpec(num_layers=d.num_layers, num_kv_heads=d.num_kv_heads, head_dim=d.head_dim,
                       dtype="float32", attention=decoder_spec.attention),
-            bos_token_id=_token_id(self.generation, config, key="bos_token_id"),
-            eos_token_id=_token_id(self.generation, config, key="eos_token_id"),
-            pad_token_id=_token_id(self.generation, config, key="pad_token_id"),
+            bos_token_id=self.token_id("bos_token_id"), eos_token_id=self.token_id("eos_token_id"),
+            pad_token_id=self.token_id("pad_token_id"),
             generation={k: v for k, v in self.generation.items()
                         if k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
                                  "guidance_scale")},

@@ -80,10 +80,12 @@ class EmbedSpec(ExportSpec):
             feeds["image_embeds"] = rng.standard_normal((n, self.visual_dim)).astype(np.float32)
         return feeds
 
-    def build(self, weights, project_up=None) -> onnx.ModelProto:
+    def build(self, weights, project_up=None, spill=None) -> onnx.ModelProto:
+        """spill: the writer's data file for this graph (BundleWriter.spill), or None."""
         from emu_edge.export.embed import build_embed
 
-        return build_embed(self.desc, weights, image_token_id=self.image_token_id, project_up=project_up)
+        return build_embed(self.desc, weights, image_token_id=self.image_token_id, project_up=project_up,
+                           spill=spill)
 
     @classmethod
     def export(cls, writer, inputs: ExportInputs) -> dict:
@@ -91,7 +93,7 @@ class EmbedSpec(ExportSpec):
         visual_dim = None if inputs.project_up is None else int(inputs.project_up[0].shape[1])
         spec = cls(desc, inputs.max_length, visual_dim, inputs.image_token_id)
         inputs.log(f"  embed: vocab {desc.vocab_size} x hidden {desc.hidden_size}")
-        spec.add_to(writer, spec.build(inputs.llm.source.weights, inputs.project_up))
+        spec.add_to(writer, spec.build(inputs.llm.source.weights, inputs.project_up, spill=writer.spill(spec.role)))
         return {}
 
 
@@ -148,10 +150,12 @@ class DecoderSpec(ExportSpec):
                       for k in ("past_key", "past_value")}
         return feeds
 
-    def build(self, weights, project_down=None) -> onnx.ModelProto:
+    def build(self, weights, project_down=None, spill=None) -> onnx.ModelProto:
+        """spill: the writer's data file for this graph (BundleWriter.spill), or None."""
         from emu_edge.export.decoder import build_decoder
 
-        return build_decoder(self.desc, weights, self.attention, self.max_length, project_down=project_down)
+        return build_decoder(self.desc, weights, self.attention, self.max_length, project_down=project_down,
+                             spill=spill)
 
     @classmethod
     def export(cls, writer, inputs: ExportInputs) -> dict:
@@ -164,7 +168,7 @@ class DecoderSpec(ExportSpec):
                        "using standard attention")
         inputs.log(f"  decoder: {d.num_layers} layers, {d.num_heads} heads ({d.num_kv_heads} kv) x {d.head_dim}, "
                    f"attention {spec.attention}, max_length {spec.max_length}")
-        spec.add_to(writer, spec.build(llm.source.weights, inputs.project_down))
+        spec.add_to(writer, spec.build(llm.source.weights, inputs.project_down, spill=writer.spill(spec.role)))
         return {"model": llm.model_fields(spec)}
 
 

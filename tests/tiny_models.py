@@ -179,10 +179,10 @@ def visual_token(code: int) -> str:
     return f"<|visual token {code:06d}|>"
 
 
-def build_emu3_tokenizer(codebook_size: int):
+def build_emu3_tokenizer(codebook_size: int, vocab_size: int = EMU3_VOCAB_SIZE):
     """build_tokenizer's words, Emu3's special tokens from id 128, and the visual tokens
     (one per code) from id EMU3_VISUAL_START, all as added special tokens, as Emu3's own
-    tokenizer.json holds them."""
+    tokenizer.json holds them; at most vocab_size ids."""
     from tokenizers import AddedToken
 
     tok = build_tokenizer(EMU3_TEXT_WORDS)
@@ -192,7 +192,7 @@ def build_emu3_tokenizer(codebook_size: int):
         tok.add_special_tokens([AddedToken(f"<|extra_{i}|>", special=True, normalized=False)])
     tok.add_special_tokens([AddedToken(visual_token(c), special=True, normalized=False) for c in range(codebook_size)])
     assert tok.token_to_id(visual_token(0)) == EMU3_VISUAL_START
-    assert tok.get_vocab_size() <= EMU3_VOCAB_SIZE
+    assert tok.get_vocab_size() <= vocab_size
     return tok
 
 

@@ -221,3 +221,62 @@ def test_refusals_name_the_problem_and_write_nothing(exported, tmp_path, capsys)
     data["added_tokens"] = [t for t in data["added_tokens"] if not t["content"].startswith("<|visual token")]
     (broken / "tokenizer.json").write_text(json.dumps(data))
     fails(broken, "0 visual tokens", "codebook has 64 codes")
+
+
+# -- max_length: room for the largest generated image ---------------------------------------
+# The f2 folder: 2 pixels per code, max_position_embeddings 512, and a tokenizer that reads
+# "{rows}*{cols}" as one (unknown) token, so a generation prompt's header is 4 tokens: BOS,
+# BOI, the size, IMAGE_WRAPPER.
+
+
+def test_max_image_sizes_the_default_max_length(exported, tmp_path, capsys):
+    from emu_edge.runtime.pipeline import Pipeline
+
+    folder = exported("f2")[0]
+    out = tmp_path / "bundle"
+    assert cli_main(["export-hf", str(folder), "--out", str(out), "--max-image", "12x10"]) == 0
+    # 6 rows of 5 codes, an EOL each, then EOF: 37 tokens; + the header + 256 of prompt
+    assert Manifest.load(out).model.max_length == 37 + 4 + 256
+    assert "max_length 297: a 12x10 image (--max-image) is 37 tokens" in capsys.readouterr().out
+    # the image fits beside a prompt of 256 words (one token each)
+    pipe = Pipeline.load(out, threads=1)
+    assert pipe.generate_image(" ".join(["w5"] * 256), height=12, width=10, top_k=1).size == (10, 12)
+
+
+def test_the_default_image_and_an_explicit_max_length(exported):
+    from emu_edge.export.emu3_folder import ImageRoom
+
+    folder = exported("f2")[0]
+    room = ImageRoom.of_folder(folder, json.loads((folder / "config.json").read_text()), bos_id=1)
+    lines = []
+    # image_area 36: 6x6 pixels, 3x3 codes: 13 tokens
+    assert room.max_length(36, 512, None, None, log=lines.append) == 13 + 4 + 256
+    assert "(the folder's image_area, 36 pixels)" in lines[-1]
+    # the processor's default area (720x720: 360x360 codes) is capped, with the largest square that fits:
+    # 15 * 16 + 1 + 4 + 256 <= 512 < 16 * 17 + 1 + 4 + 256
+    assert room.max_length(720 * 720, 512, None, None, log=lines.append) == 512
+    assert lines[-1].startswith("max_length 512 (max_position_embeddings)") and "is 30x30" in lines[-1]
+    # an explicit --max-length is kept; its line says whether the image fits
+    assert room.max_length(36, 512, 400, None, log=lines.append) == 400
+    assert lines[-1].startswith("max_length 400 (--max-length): room for a 6x6 image") and "need 273" in lines[-1]
+    assert room.max_length(36, 512, 100, None, log=lines.append) == 100
+    assert lines[-1] == ("max_length 100 (--max-length) is short of the 273 positions a 6x6 image (the folder's "
+                         "image_area, 36 pixels) and a 256-token prompt need; no image fits with a 256-token prompt")
+
+
+def test_a_bad_max_image_is_one_line_and_writes_nothing(exported, llm_folders, tmp_path, capsys):
+    def fails(folder: Path, size: str, *expected: str) -> None:
+        out = tmp_path / "never"
+        assert cli_main(["export-hf", str(folder), "--out", str(out), "--max-image", size]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and all(text in err for text in expected), err
+        assert not out.exists() and not list(tmp_path.glob(".never.partial-*")), "a failed export wrote something"
+
+    folder, llm = exported("f2")[0], llm_folders("gqa")
+    capsys.readouterr()   # what making the folders printed
+    fails(folder, "13x10", "multiples of 2 pixels", "the nearest valid sizes are 12x10 or 14x10")
+    fails(folder, "1x4", "the nearest valid sizes are 2x4")
+    fails(folder, "12by10", "--max-image takes HEIGHTxWIDTH in pixels")
+    fails(folder, "720x720", "need 130221 positions", "max_position_embeddings 512",
+          "the largest square image that fits is 30x30")
+    fails(llm, "12x10", "--max-image sizes the context for the images an Emu3 folder generates")
