@@ -153,12 +153,15 @@ class Sampler:
     """Picks one token per row of a [B, V] logits array.
 
     The random generator is seeded once here, so one `Sampler` with a fixed seed gives the
-    same tokens for the same sequence of calls.
+    same tokens for the same sequence of calls. groups: [(seed, rows), ...] in row order,
+    a generator of its own for each group of rows (the rows of several requests batched
+    together, each drawing what it draws alone); None: one generator, config.seed, for all.
     """
 
-    def __init__(self, config: SamplingConfig | None = None):
+    def __init__(self, config: SamplingConfig | None = None, groups: list[tuple[int | None, int]] | None = None):
         self.config = (config or SamplingConfig()).validate()
         self.rng = np.random.default_rng(self.config.seed)
+        self.groups = None if groups is None else [(np.random.default_rng(seed), rows) for seed, rows in groups]
 
     def __call__(self, logits: np.ndarray, history: list[list[int]],
                  allowed: np.ndarray | None = None) -> np.ndarray:
@@ -188,9 +191,29 @@ class Sampler:
         # inverse-CDF draw, one uniform per row: the first token whose cumulative
         # probability exceeds u; zero-probability tokens can never be that first one
         cumulative = np.cumsum(probs, axis=-1)
-        u = self.rng.random(probs.shape[0])[:, None] * cumulative[:, -1:]
+        if self.groups is None:
+            u = self.rng.random(probs.shape[0])
+        else:
+            u = np.concatenate([rng.random(rows) for rng, rows in self.groups])
+            if len(u) != probs.shape[0]:
+                raise ValueError(f"the sampler's groups hold {len(u)} rows, the logits {probs.shape[0]}")
+        u = u[:, None] * cumulative[:, -1:]
         picked = (cumulative <= u).sum(axis=-1)
         return np.minimum(picked, probs.shape[1] - 1).astype(np.int64)
+
+
+def seed_groups(seed, rows: int) -> list[tuple[int, int]]:
+    """A seed (one generator for every row) or [(seed, rows), ...] in row order (the
+    requests of a batch, each with its own) -> the checked groups."""
+    groups = seed if isinstance(seed, list) else [(seed, rows)]
+    for value, count in groups:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {value!r}")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"a seed group covers >= 1 rows, got {count!r}")
+    if sum(count for _, count in groups) != rows:
+        raise ValueError(f"the seed groups cover {sum(c for _, c in groups)} rows, the batch has {rows}")
+    return [(int(value), count) for value, count in groups]
 
 
 class StopChecker:

@@ -7,9 +7,10 @@ per step. It asks the Pipeline (any family), never a family module.
             {"error": {"status": 4xx/504, "message"}}
             None                                     nothing new for this job this step
 
-Greedy text jobs share one batched decode (each row's tokens are what it gets alone);
-sampled text jobs and image jobs run one after another, each in its own call. A row past
-its deadline answers 504 and takes no further part.
+Jobs of the same settings share one batched call (batch_groups): text jobs one decode,
+image jobs one image_requests call; each job's tokens and images are what it gets alone
+(a sampled job draws from a generator of its own seed). A row past its deadline answers
+504 and takes no further part.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from emu_edge.runtime import text
 from emu_edge.runtime.decoder import DecoderError
 from emu_edge.runtime.pipeline import _fit
 from emu_edge.runtime.sampling import Sampler, SamplingConfig
-from emu_edge.serve.requests import ImageJob, TextJob
+from emu_edge.serve.requests import TextJob
+
+
+# Images one batched call draws (emu3's guidance doubles its decoder rows).
+MAX_IMAGE_ROWS = 8
 
 
 class DeadlinePassed(Exception):
@@ -42,13 +47,8 @@ class Engine:
 
     def run(self, jobs: list) -> Iterator[list[dict | None]]:
         """Events for a batch of jobs: at each step one event (or None) per job."""
-        together = [i for i, job in enumerate(jobs) if isinstance(job, TextJob) and job.batchable]
-        groups = ([together] if together else []) + [[i] for i, job in enumerate(jobs) if i not in together]
-        for group in groups:
-            if isinstance(jobs[group[0]], ImageJob):
-                yield from self._images(jobs, group[0])
-            else:
-                yield from self._text(jobs, group)
+        for kind, group in batch_groups(jobs):
+            yield from (self._images(jobs, group) if kind == "image" else self._text(jobs, group))
 
     # -- text ------------------------------------------------------------------------------
 
@@ -82,8 +82,10 @@ class Engine:
             return
         eos = pipe.manifest.model.eos_ids()
         visuals = [v for _, _, v, _ in rows if v is not None]
-        steps = pipe.stream_ids([ids for _, ids, _, _ in rows], max(limit for *_, limit in rows),
-                                Sampler(SamplingConfig(**jobs[rows[0][0]].sampling)), eos,
+        # The group shares its settings; each row draws from a generator of its own seed.
+        settings = {k: v for k, v in jobs[rows[0][0]].sampling.items() if k != "seed"}
+        sampler = Sampler(SamplingConfig(**settings), groups=[(jobs[i].sampling.get("seed"), 1) for i, *_ in rows])
+        steps = pipe.stream_ids([ids for _, ids, _, _ in rows], max(limit for *_, limit in rows), sampler, eos,
                                 np.concatenate(visuals) if visuals else None)
         decoders = [text.PieceDecoder(pipe._decode, set(eos), jobs[i].stop) for i, *_ in rows]
         counts = [0] * len(rows)
@@ -117,26 +119,54 @@ class Engine:
 
     # -- images ----------------------------------------------------------------------------
 
-    def _images(self, jobs: list, i: int) -> Iterator[list[dict | None]]:
-        job: ImageJob = jobs[i]
+    def _images(self, jobs: list, group: list[int]) -> Iterator[list[dict | None]]:
+        """One batched call for a group of image jobs of the same settings; a job past its
+        deadline answers 504 (the call stops once every job is past it). A group that fails
+        as a whole is retried one job at a time, so that the error is only its own."""
         events: list[dict | None] = [None] * len(jobs)
+        first = jobs[group[0]]
 
         def progress(done: int, total: int) -> None:
-            if time.monotonic() > job.deadline:
+            if all(time.monotonic() > jobs[i].deadline for i in group):
                 raise DeadlinePassed
 
         try:
-            if time.monotonic() > job.deadline:
-                raise DeadlinePassed
-            images = self.pipe.image_request(job.prompt, job.images, job.n, job.width, job.height, job.guidance,
-                                             job.steps, job.seed, progress=progress)
+            progress(0, 1)
+            out = self.pipe.image_requests([(jobs[i].prompt, jobs[i].images, jobs[i].n, jobs[i].seed) for i in group],
+                                           first.width, first.height, first.guidance, first.steps, progress)
         except DeadlinePassed:
-            events[i] = error(504, "the request ran past the server's timeout")
+            for i in group:
+                events[i] = error(504, "the request ran past the server's timeout")
         except (ValueError, DecoderError) as e:
-            events[i] = error(400, str(e))
+            if len(group) > 1:
+                for i in group:
+                    yield from self._images(jobs, [i])
+                return
+            events[group[0]] = error(400, str(e))
         else:
-            events[i] = {"images": [png_base64(image) for image in images], "done": {"batch": job.n}}
+            rows = sum(jobs[i].n for i in group)
+            now = time.monotonic()
+            for i, images in zip(group, out):
+                events[i] = (error(504, "the request ran past the server's timeout") if now > jobs[i].deadline else
+                             {"images": [png_base64(image) for image in images], "done": {"batch": rows}})
         yield events
+
+
+def batch_groups(jobs: list) -> list[tuple[str, list[int]]]:
+    """Jobs that can share one call: text jobs of the same sampling settings (each sampled
+    row with its own seed's generator), image jobs of the same size, guidance and steps
+    (up to MAX_IMAGE_ROWS images a call). In arrival order of each group's first job."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, job in enumerate(jobs):
+        if isinstance(job, TextJob):
+            key = ("text",) + tuple(sorted((k, v) for k, v in job.sampling.items() if k != "seed"))
+        else:
+            key = ("image", job.width, job.height, job.guidance, job.steps)
+        runs = groups.setdefault(key, [[]])
+        if key[0] == "image" and runs[-1] and sum(jobs[j].n for j in runs[-1]) + job.n > MAX_IMAGE_ROWS:
+            runs.append([])
+        runs[-1].append(i)
+    return sorted(((key[0], run) for key, runs in groups.items() for run in runs), key=lambda g: g[1][0])
 
 
 def png_base64(image) -> str:

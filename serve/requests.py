@@ -58,12 +58,6 @@ class TextJob:
     stream: bool = False
     deadline: float = math.inf         # time.monotonic() (one clock for every process)
 
-    @property
-    def batchable(self) -> bool:
-        """Greedy rows give the same tokens alone or batched; a sampled row's draws would
-        depend on its neighbours (one generator per call), so it runs alone."""
-        return not self.sampling.get("do_sample", False)
-
 
 @dataclass
 class ImageJob:
@@ -76,7 +70,6 @@ class ImageJob:
     steps: int | None = None
     seed: int = 0
     deadline: float = math.inf
-    batchable = False
 
 
 def check_model(body: dict, model_ids: list[str]) -> None:

@@ -22,3 +22,12 @@ def family_class(name: str):
         raise ValueError(f"this runtime has no family {name!r} (it runs {', '.join(FAMILIES)}); upgrade emu-edge")
     module, cls = FAMILIES[name]
     return getattr(importlib.import_module(module), cls)
+
+
+def split_by(items: list, sizes: list[int]) -> list[list]:
+    """A batch's outputs back into its requests' runs of `sizes` rows each."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(items[start:start + size])
+        start += size
+    return out

@@ -18,9 +18,11 @@ import numpy as np
 from PIL import Image
 
 from emu_edge.runtime.decoder import ContextTooLongError
+from emu_edge.runtime.families import split_by
 from emu_edge.runtime.families.llm import no_system
 from emu_edge.runtime.images import load_image, preprocess, sample_frames, to_pil
 from emu_edge.runtime.prompt import Encoded, PromptBuilder
+from emu_edge.runtime.sampling import seed_groups
 from emu_edge.runtime.schedulers import initial_noise, make_scheduler
 
 
@@ -187,17 +189,17 @@ class Emu2:
                 "scheduler": defaults.get("scheduler", "ddim") if scheduler is None else scheduler}
 
     def denoise(self, cond: np.ndarray, steps: int | None = None, guidance: float | None = None,
-                scheduler: str | None = None, seed: int = 0,
+                scheduler: str | None = None, seed: int | list = 0,
                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """The U-Net loop: cond [B, N, D] -> images [B, 3, S, S] in [-1, 1]. Conditional and
-        unconditional branches run in ONE batched U-Net call per step."""
+        unconditional branches run in ONE batched U-Net call per step. seed: one for the
+        batch, or [(seed, rows), ...] (sampling.seed_groups)."""
         m = self.spec
         chosen = self.image_defaults(steps, guidance, scheduler)
         steps, guidance, scheduler = chosen["steps"], chosen["guidance"], chosen["scheduler"]
         if not isinstance(guidance, (int, float)) or not np.isfinite(guidance) or guidance < 0:
             raise ValueError(f"guidance must be a number >= 0 (1 = no guidance), got {guidance!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        groups = seed_groups(seed, cond.shape[0])
         sched = make_scheduler(scheduler, m.scheduler or {})
         sched.set_timesteps(steps)
         unet = self.pipe.graph("unet")
@@ -205,7 +207,9 @@ class Emu2:
         sample_name, t_name, cond_name, out_name = (names.name(k) for k in
                                                     ("sample", "timestep", "encoder_hidden_states", "noise_pred"))
         b = cond.shape[0]
-        x = initial_noise(seed, (b, 3, m.image_size, m.image_size)) * np.float32(sched.init_noise_sigma)
+        # one draw per seed group: a request's rows get the noise they get alone
+        x = np.concatenate([initial_noise(value, (rows, 3, m.image_size, m.image_size)) for value, rows in groups])
+        x = x * np.float32(sched.init_noise_sigma)
         both = np.concatenate([cond, np.broadcast_to(self.unconditional(*cond.shape[1:]), cond.shape)])
         both = np.ascontiguousarray(both, dtype=np.float32)
         timesteps = sched.timesteps
@@ -244,10 +248,20 @@ class Emu2:
                       progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         """n images for a prompt, after the given images (subject-driven): the one call
         that the two families share (a server's image routes)."""
+        return self.image_requests([(prompt, images, n, seed)], width, height, guidance, steps, progress)[0]
+
+    def image_requests(self, requests: list, width: int | None = None, height: int | None = None,
+                       guidance: float | None = None, steps: int | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
+        """Several image_request calls of the same settings in one batch: requests are
+        (prompt, images, n, seed); each gets the images it gets alone."""
         side = self.spec.image_size
         if (width or side, height or side) != (side, side):
             raise ValueError(f"this bundle draws {self.image_sizes()} images only, not {width}x{height}")
-        return self.generate_image_batch([[*images, prompt]] * n, steps, guidance, seed=seed, progress=progress)
+        batch = [[*images, prompt] for prompt, images, n, _ in requests for _ in range(n)]
+        flat = self.generate_image_batch(batch, steps, guidance, seed=[(seed, n) for *_, n, seed in requests],
+                                         progress=progress)
+        return split_by(flat, [n for _, _, n, _ in requests])
 
     def autoencode(self, image, steps: int | None = None, guidance: float | None = None,
                    scheduler: str | None = None, seed: int = 0) -> Image.Image:

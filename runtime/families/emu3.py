@@ -24,9 +24,10 @@ from PIL import Image
 
 from emu_edge.runtime import text
 from emu_edge.runtime.decoder import ContextTooLongError
+from emu_edge.runtime.families import split_by
 from emu_edge.runtime.images import load_image
 from emu_edge.runtime.prompt import SYSTEM_SLOT
-from emu_edge.runtime.sampling import Sampler, SamplingConfig
+from emu_edge.runtime.sampling import Sampler, SamplingConfig, seed_groups
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -363,16 +364,16 @@ class Emu3:
                   top_p: float | None = None, temperature: float | None = None, seed: int = 0,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """The generated image tokens [B, rows * (cols + 1) + 1]: rows of visual ids each
-        ending in EOL, then EOF (EOI follows implicitly; transformers generates it)."""
+        ending in EOL, then EOF (EOI follows implicitly; transformers generates it). seed:
+        one for the batch, or [(seed, rows), ...] (sampling.seed_groups)."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts is a non-empty list of strings")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        groups = seed_groups(seed, len(prompts))   # a request's rows draw what they draw alone
         rows, cols = self.image_codes_size(height, width)
         chosen = self.image_defaults(guidance, top_k, top_p, temperature)
         sampler = Sampler(SamplingConfig(do_sample=chosen["do_sample"], top_k=chosen["top_k"] if chosen["do_sample"]
-                                         else 0, top_p=chosen["top_p"], temperature=chosen["temperature"],
-                                         seed=seed))
+                                         else 0, top_p=chosen["top_p"], temperature=chosen["temperature"]),
+                          groups=groups)
         cond = [self.image_prompt(p, rows, cols) for p in prompts]
         guided = chosen["guidance"] != 1   # as transformers: scale 1 adds no unconditional pass
         if guided:
@@ -428,11 +429,20 @@ class Emu3:
                       progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         """n images for a prompt: the one call that the two families share (a server's
         image routes). Emu3 draws from text alone, without denoising steps."""
-        if images:
+        return self.image_requests([(prompt, images, n, seed)], width, height, guidance, steps, progress)[0]
+
+    def image_requests(self, requests: list, width: int | None = None, height: int | None = None,
+                       guidance: float | None = None, steps: int | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
+        """Several image_request calls of the same settings in one batch: requests are
+        (prompt, images, n, seed); each gets the images it gets alone."""
+        if any(images for _, images, _, _ in requests):
             raise ValueError("emu3 bundles draw from a text prompt only; they do not edit images")
         if steps is not None:
             raise ValueError("emu3 bundles write images token by token: there are no denoising steps")
-        return self.generate_image_batch([prompt] * n, height, width, guidance, seed=seed, progress=progress)
+        flat = self.generate_image_batch([prompt for prompt, _, n, _ in requests for _ in range(n)], height, width,
+                                         guidance, seed=[(seed, n) for *_, n, seed in requests], progress=progress)
+        return split_by(flat, [n for _, _, n, _ in requests])
 
     def decode_image_ids(self, ids: np.ndarray, rows: int, cols: int) -> list[Image.Image]:
         """Generated image tokens [B, >= rows * (cols + 1)] -> PIL images: the EOL column

@@ -380,3 +380,32 @@ def test_a_bad_job_in_a_batch_leaves_its_neighbours_alone(tiny_bundle):
     assert texts[0].strip() == pipe.generate_text("a red circle") and errors[0] is None
     assert texts[2].strip() == pipe.generate_text("a blue square", max_new_tokens=3)
     assert done[0]["batch"] == done[2]["batch"] == 2 and done[2]["completion_tokens"] <= 3
+
+
+def test_sampled_and_image_jobs_batched_get_what_each_gets_alone(tiny_bundle):
+    """Sampled answers with their own seeds share one decode, and image requests of the
+    same settings one call: each gets what the Python API gives it alone."""
+    from emu_edge.serve.engine import Engine, batch_groups
+    from emu_edge.serve.requests import ImageJob, TextJob
+
+    pipe = Pipeline.load(tiny_bundle, threads=1)
+    sampling = {"do_sample": True, "temperature": 0.9, "top_p": 0.95}
+    jobs = [TextJob(turns=[(["a red circle"], None)], sampling={**sampling, "seed": 1}, max_tokens=6),
+            ImageJob(prompt="a red circle", n=2, steps=3, seed=3),
+            TextJob(turns=[(["a blue square"], None)], sampling={**sampling, "seed": 2}, max_tokens=6),
+            ImageJob(prompt="a blue square", n=1, steps=3, seed=4)]
+    assert batch_groups(jobs) == [("text", [0, 2]), ("image", [1, 3])]
+    got = [dict(text="") for _ in jobs]
+    for events in Engine(pipe).run(jobs):
+        for i, event in enumerate(events):
+            if event is not None:
+                got[i]["text"] += event.get("text", "")
+                got[i].update({k: v for k, v in event.items() if k != "text"})
+    for i, prompt, seed in ((0, "a red circle", 1), (2, "a blue square", 2)):
+        assert got[i]["text"].strip() == pipe.generate_text(prompt, max_new_tokens=6, seed=seed, **sampling)
+        assert got[i]["done"]["batch"] == 2
+    for i, prompt, n, seed in ((1, "a red circle", 2, 3), (3, "a blue square", 1, 4)):
+        want = pipe.image_request(prompt, n=n, steps=3, seed=seed)
+        assert len(got[i]["images"]) == n and got[i]["done"]["batch"] == 3
+        for b64, image in zip(got[i]["images"], want):
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), np.asarray(image))

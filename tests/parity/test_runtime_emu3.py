@@ -155,6 +155,14 @@ def test_sampled_images_keep_the_row_structure_and_repeat_by_seed(emu3):
     assert np.all(grid[:, 4] == spec.eol_token_id) and ids[-1] == spec.eof_token_id
     assert np.all(np.isin(grid[:, :4], list(spec.visual_ids())))
     np.testing.assert_array_equal(ids, pipe.image_ids(["w5"], height=6, width=8, seed=4)[0])
+    # requests batched with a seed each (the server's image_requests) draw what they draw alone
+    alone = [pipe.image_request(p, n=n, width=8, height=6, seed=seed) for p, n, seed in (("w5", 2, 4), ("w9", 1, 7))]
+    together = pipe.image_requests([("w5", [], 2, 4), ("w9", [], 1, 7)], width=8, height=6)
+    assert [len(images) for images in together] == [2, 1]
+    for got, want in zip(together, alone):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert not np.array_equal(np.asarray(together[0][0]), np.asarray(together[0][1]))   # n images differ
 
 
 def test_refusals_name_the_valid_sizes(emu3):
