@@ -30,7 +30,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
-from emu_edge.serve.requests import Limits, RequestError, decode_image, parse_chat, parse_image_generation
+from emu_edge.serve.requests import (Limits, RequestError, check_model, decode_image, parse_chat,
+                                     parse_image_generation)
 
 GENERIC_ID = "emu-edge"
 
@@ -107,9 +108,7 @@ class EmuSpec(LitSpec):
 
     async def model(self, request: Request, model: str):
         async def one(request):
-            if model not in self.model_ids:
-                raise RequestError(404, f"the model {model!r} does not exist here; this server serves "
-                                        f"{', '.join(repr(m) for m in self.model_ids)}", "model", "model_not_found")
+            check_model({"model": model}, self.model_ids)
             return JSONResponse(self._model_card(model))
         return await self._route("models", request, one)
 

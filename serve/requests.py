@@ -159,7 +159,7 @@ def parse_image_generation(body, limits: Limits, model_ids: list[str], images=()
     steps = body.get("steps")
     if steps is not None:
         steps = _integer(steps, "steps", 1, 1000)
-    seed = _integer(body.get("seed", 0) if body.get("seed") is not None else 0, "seed", 0)
+    seed = 0 if body.get("seed") is None else _integer(body["seed"], "seed", 0)
     if len(images) > limits.max_images:
         raise RequestError(400, f"too many images: at most {limits.max_images} per request", "image")
     return ImageJob(prompt=prompt, images=list(images), n=n, width=width, height=height, guidance=guidance,

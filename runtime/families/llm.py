@@ -31,7 +31,6 @@ class LLM:
         no_system(system)
         return (previous or []) + self._encode(items, add_special_tokens=previous is None), None
 
-
     def chat_prompt(self, turns, system: str | None = None):
         raise ValueError("this bundle is text-only (family llm) and takes one user message: its folder's chat "
                          "template is not exported")
