@@ -116,17 +116,18 @@ def profile_decoder(bundle: Path, threads: int, steps: int, prompt: int = 16) ->
     manifest = Bundle.open(bundle, verify=False).manifest
     spec = manifest.model
     path = bundle / manifest.role("decoder").file
-    embed = OnnxBackend(bundle / manifest.role("embed").file, threads=1)
+    special = spec.special_ids()
+    plain_ids = [i for i in range(spec.vocab_size) if i not in special]
     rng = np.random.default_rng(0)
-    embeds = rng.standard_normal((1, prompt, spec.hidden_size), dtype=np.float32)
-    step = rng.standard_normal((1, 1, spec.hidden_size), dtype=np.float32)
+    ids = rng.choice(plain_ids, prompt).tolist()
+    step = rng.choice(plain_ids, 1)
 
     def decode(session):
-        session.prefill_embeds(embeds)
+        session.prefill([ids])
         for _ in range(steps):
-            session.step_embeds(step)
+            session.step(step)
 
-    plain = DecoderSession(OnnxBackend(path, threads=threads), embed, manifest, 1, prompt + steps)
+    plain = DecoderSession(OnnxBackend(path, threads=threads), manifest, 1, prompt + steps)
     model, feeds, nbytes = weight_ops_alone(path)
     alone = _session(model, threads)
 
@@ -140,9 +141,9 @@ def profile_decoder(bundle: Path, threads: int, steps: int, prompt: int = 16) ->
     with tempfile.TemporaryDirectory() as tmp:
         backend = OnnxBackend(path, threads=threads)
         backend.session = _session(path, threads, tmp)   # the same graph, profiled
-        decode(DecoderSession(backend, embed, manifest, 1, prompt + steps))  # warm-up: not counted
+        decode(DecoderSession(backend, manifest, 1, prompt + steps))  # warm-up: not counted
         for _ in range(3):
-            decode(DecoderSession(backend, embed, manifest, 1, prompt + steps))
+            decode(DecoderSession(backend, manifest, 1, prompt + steps))
         ops = per_operator(backend.session.end_profiling(), runs=3 * (steps + 1), skip=steps + 1)
     return {"graph": "decoder", "bundle": str(bundle), "threads": threads,
             "loop_python_us": loop_python_us(bundle, threads, prompt, steps),

@@ -75,7 +75,7 @@ def compare(bundles: dict[str, str | Path], calibration=None, threads: int | Non
     prompt = prompt_ids(next(iter(pipes.values())), prompt_length)
     # The decoder is measured by tokens/s through the runtime's loop: a plain call would
     # copy the whole KV cache in and out, which the bound in-place loop never does.
-    names = graphs or [n for n in reference.manifest.graphs if n not in ("judge", "embed", "decoder")
+    names = graphs or [n for n in reference.manifest.graphs if n not in ("judge", "decoder")
                        and any(b.has_graph(n) and b.manifest.graphs[n].sha256 != reference.manifest.graphs[n].sha256
                                for b in opened.values())]
     results = {label: {"precisions": {n: g.precision for n, g in b.manifest.graphs.items()},

@@ -2,8 +2,7 @@
 
 The bundle runs through the runtime's own Pipeline on a calibration folder, with each
 graph's backend wrapped in a recorder, so what is recorded is exactly what the graphs see
-in use: the vision encoder's pixels, the embedding graph's ids, the decoder at prefill,
-at each decode step and while regressing image embeddings, and the U-Net at every
+in use: the vision encoder's pixels, the decoder at prefill, at each decode step and while regressing image embeddings, and the U-Net at every
 timestep with both guidance branches (they share one batched call).
 
     CALIB/
@@ -38,7 +37,7 @@ FORMAT = "emu-edge-calibration"
 VERSION = 1
 KV_PREFIX = "past_key_values."
 # Graphs the model runs on a request; the judge only scores.
-RECORDED_GRAPHS = ("embed", "decoder", "vision_encoder", "unet")
+RECORDED_GRAPHS = ("decoder", "vision_encoder", "unet")
 
 
 # -- recording ------------------------------------------------------------------------------
@@ -107,9 +106,9 @@ class _RecordingBackend:
 def _trim_kv(feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     """Cut the decoder's KV buffers to the rows the call reads as its past; the rest is
     either masked or about to be written. Returns the feeds and {phase, kv_length}."""
-    if "inputs_embeds" not in feeds or "seqlens_k" not in feeds:
+    if "input_ids" not in feeds or "seqlens_k" not in feeds:
         return feeds, {}
-    steps = feeds["inputs_embeds"].shape[1]
+    steps = feeds["input_ids"].shape[1]
     past = np.maximum(feeds["seqlens_k"].astype(np.int64) + 1 - steps, 0)
     keep = int(past.max())
     out, kv_length = {}, None

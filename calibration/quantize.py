@@ -261,9 +261,10 @@ def weight_only(model: onnx.ModelProto, bits: int, settings: QuantizeSettings, e
         return quantizer.model.model
 
     heads = [h for h in heads if h not in exclude] if bits == 4 else []
-    out = run(copy.deepcopy(model), bits, list(exclude) + heads)
+    out = run(copy.deepcopy(model), bits, list(exclude) + heads + input_projections(model))
     if heads:
-        others = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in heads]
+        others = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in heads] + \
+            input_projections(model)
         out = run(out, 8, others)
     return _fix_versions(out, model)
 
@@ -364,11 +365,21 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
 # -- one graph, with the error loop ---------------------------------------------------------
 
 
+def input_projections(model: onnx.ModelProto) -> list[str]:
+    """MatMuls that read a graph input directly: the decoder's project_up of Emu2's visual
+    embeddings. They stay float, as the token table beside them does: they run on image
+    positions only (nothing per text token), and their error would enter every one."""
+    inputs = {i.name for i in model.graph.input}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[0] in inputs]
+
+
 def _quantizable_nodes(model: onnx.ModelProto, graph: str, precision: str,
                        settings: QuantizeSettings) -> list[onnx.NodeProto]:
     init = {i.name for i in model.graph.initializer}
     if precision in ("int8", "int4") and graph in WEIGHT_ONLY_GRAPHS:
-        return [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in init]
+        skip = set(input_projections(model))
+        return [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in init
+                and n.name not in skip]
     if precision == "int8":
         ops = settings.static_ops(graph)
         return [n for n in model.graph.node if n.op_type in ops]

@@ -9,7 +9,7 @@ empty folder, and never a folder the bundle is made from. Each graph is checked
 file itself: hash, I/O, operator domains, IR/opset and the oldest onnxruntime that runs it.
 
 A graph whose initializers exceed `external_data_threshold` (2 GB, protobuf's limit) keeps
-them in `NAME.onnx.data` beside it (ONNX external data). The decoder and embed graphs are
+them in `NAME.onnx.data` beside it (ONNX external data). The decoder graph is
 built straight into that file (`spill(name)`, a DataFile given to their GraphBuilder), so
 export memory is a tensor or two rather than the whole float32 decoder; a graph that
 turns out small enough is read back into one file, the same bytes as built in memory.
@@ -71,7 +71,7 @@ class BundleWriteError(RuntimeError):
 
 def _present_names(names: dict[str, str], model: onnx.ModelProto) -> dict[str, str]:
     """A spec's role-to-tensor names restricted to the tensors this graph has (a text-only
-    embed graph has no image_embeds; a decoder without regression head no regressed)."""
+    decoder has no image_embeds, a decoder without regression head no regressed)."""
     tensors = {v.name for v in list(model.graph.input) + list(model.graph.output)}
     return {key: name for key, name in names.items()
             if (name.format(layer=0) if "{layer}" in name else name) in tensors}

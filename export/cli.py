@@ -2,7 +2,7 @@
 
 A checkpoint is Hugging Face folders per component, so this is `export-hf`'s emu2 recipe
 (export/specs.py) applied to llm/, vision/ and unet/, plus what only our model has: the projections (project_up
-folded into embed.onnx, project_down into decoder.onnx as the regression head), the
+where the decoder splices visual embeddings in, project_down as its regression head), the
 special tokens, templates, scheduler and the judge.
 """
 

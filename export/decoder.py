@@ -8,7 +8,8 @@ text model) onto both, so the builder never sees a transformers config or an HF 
 One builder, two attention variants behind one contract (DESIGN.md, "The decoder's
 KV-cache contract"):
 
-    inputs   inputs_embeds             float32 [batch, sequence, hidden]
+    inputs   input_ids                 int64   [batch, sequence]
+             image_embeds              float32 [image_tokens, visual_dim]  (with project_up)
              past_key_values.{i}.key   float32 [batch, kv_heads, max_length, head_dim]
              past_key_values.{i}.value (same; allocated once by the runtime)
              seqlens_k                 int32   [batch]  tokens in each row AFTER this call, - 1
@@ -17,11 +18,21 @@ KV-cache contract"):
              regressed                 float32 [batch, visual_dim]  (with project_down)
              present.{i}.key / .value  the past buffers, written in place
 
+The token embedding is the graph's first node, so a decode step is one graph run from
+token ids (as onnxruntime-genai's graphs are) and the table is stored once. Emu2's visual
+embeddings enter through the same call: the positions where input_ids holds the image
+token are replaced, in row-major order, by project_up(image_embeds); a multimodal prompt
+and each step of the regression loop (the last regressed embedding fed back) are one
+run too. Text-only calls feed image_embeds with 0 rows: onnxruntime accepts a zero-sized
+dimension and NonZero/ScatterND handle an empty set of positions. A count that differs
+from the number of image tokens fails in ScatterND instead of silently misplacing
+embeddings.
+
 The lengths follow onnxruntime's GroupQueryAttention: each row of the cache holds its
 tokens from position 0 with no padding inside (a "ragged" batch), so row b's new tokens
 land at positions past_b .. past_b + S - 1, where past_b = max(0, seqlens_k[b] + 1 - S),
 and their rotary positions are the same numbers. A first prompt of several rows of
-different lengths is right-padded in `inputs_embeds`; seqlens_k says where each row ends
+different lengths is right-padded in `input_ids`; seqlens_k says where each row ends
 and the logits are taken there. The lengths are the attention mask, so no mask input is
 needed, and a batched prompt sees exactly the positions it would see alone.
 
@@ -280,10 +291,16 @@ def resolve_attention(attention: str, head_dim: int) -> str:
 
 
 def build_decoder(desc: DecoderDescription, weights, attention: str, max_length: int,
-                  project_down: tuple[np.ndarray, np.ndarray] | None = None, spill=None) -> onnx.ModelProto:
+                  project_down: tuple[np.ndarray, np.ndarray] | None = None,
+                  project_up: tuple[np.ndarray, np.ndarray] | None = None, image_token_id: int | None = None,
+                  spill=None) -> onnx.ModelProto:
     """The KV-cached decoder graph. weights: canonical name -> array (a dict, or an
-    adapter's lazy reader: each tensor is read when its layer is built). spill: see
-    GraphBuilder; with one, at most a tensor or two are in memory at a time."""
+    adapter's lazy reader: each tensor is read when its layer is built). project_up and
+    image_token_id (together): visual embeddings spliced in at the image token's positions;
+    project_down: the regression head. spill: see GraphBuilder; with one, at most a tensor
+    or two are in memory at a time."""
+    if (project_up is None) != (image_token_id is None):
+        raise ValueError("project_up and image_token_id go together: give both or neither")
     dims = desc.check()
     attention = resolve_attention(attention, dims.head_dim)
     if max_length < 1:
@@ -292,7 +309,8 @@ def build_decoder(desc: DecoderDescription, weights, attention: str, max_length:
     w = _WeightReader(weights)
 
     g = GraphBuilder("decoder", spill)
-    x = x_in = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence", dims.hidden_size])
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    x = _embed(g, dims, w, ids, image_token_id, project_up)
     pasts = []
     for i in range(dims.num_layers):
         kv_shape = ["batch", dims.num_kv_heads, "max_length", dims.head_dim]
@@ -305,7 +323,7 @@ def build_decoder(desc: DecoderDescription, weights, attention: str, max_length:
 
     lengths = None
     if attention == "standard":
-        lengths = _Lengths(g, x, seqlens_k, total_len, dims)
+        lengths = _Lengths(g, ids, seqlens_k, total_len, dims)
         lengths.add_positions(cos, sin)
     # "gqa" runs on onnxruntime only, so it may fuse: each residual add goes into the norm
     # that reads it, and gate/up share one MatMul. "standard" stays plain ONNX ops.
@@ -352,11 +370,11 @@ def build_decoder(desc: DecoderDescription, weights, attention: str, max_length:
             normed = g.rms_norm(x, final_w, eps, "final_norm")
         else:
             normed, _ = g.skip_rms_norm(x, pending, final_w, eps, "final_norm", keep_sum=False)
-        last = _gather_last(g, normed, x_in, seqlens_k)
+        last = _gather_last(g, normed, ids, seqlens_k)
     else:
         # Only the last real position of each row goes through the head: norm is per
         # position, so gathering first saves S - 1 rows of lm_head on a prefill.
-        last = g.rms_norm(_gather_last(g, x, x_in, seqlens_k), final_w, eps, "final_norm")
+        last = g.rms_norm(_gather_last(g, x, ids, seqlens_k), final_w, eps, "final_norm")
     # Tied embeddings: save_pretrained leaves lm_head out.
     tied = desc.tied_embeddings or "lm_head.weight" not in weights
     lm_head = w["embed.weight"] if tied else w["lm_head.weight"]
@@ -376,6 +394,30 @@ def build_decoder(desc: DecoderDescription, weights, attention: str, max_length:
     return g.model(uses_ms_domain=(attention == "gqa"), doc=doc)
 
 
+def _embed(g: GraphBuilder, desc: DecoderDescription, w, ids: str, image_token_id: int | None,
+           project_up: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """input_ids [B, S] -> the first hidden states [B, S, H] (visual embeddings spliced in)."""
+    table = w["embed.weight"]
+    if table.shape != (desc.vocab_size, desc.hidden_size):
+        raise DecoderExportError(f"the token embedding has shape {table.shape}; the config says "
+                                 f"[{desc.vocab_size}, {desc.hidden_size}]")
+    if desc.embedding_scale != 1.0:  # scaled embeddings (sqrt(hidden) in some models): fold into the table
+        table = table * np.float32(desc.embedding_scale)
+    embeds = g.op("Gather", g.initializer("embed_tokens.weight", table), ids, axis=0, name="embed_tokens")
+    if project_up is None:
+        return embeds
+    weight, bias = project_up
+    if weight.shape[0] != desc.hidden_size:
+        raise DecoderExportError(f"project_up weight has shape {weight.shape}; expected [{desc.hidden_size}, visual_dim]")
+    images = g.input("image_embeds", TensorProto.FLOAT, ["image_tokens", int(weight.shape[1])])
+    projected = g.linear(images, weight, bias, "project_up")                             # [N, H]
+    is_image = g.op("Equal", ids, g.const(image_token_id), name="image_positions")       # [B, S]
+    # NonZero lists positions in row-major order: the order images appear in the prompt.
+    where = g.op("Transpose", g.op("NonZero", is_image, name="image_nonzero"), perm=[1, 0],
+                 name="image_indices")                                                 # [N, 2]
+    return g.op("ScatterND", embeds, where, projected, name="splice_images")
+
+
 class _WeightReader:
     def __init__(self, weights):
         self.weights = weights
@@ -390,9 +432,9 @@ class _WeightReader:
 class _Lengths:
     """Per-row positions derived once from seqlens_k and shared by every layer."""
 
-    def __init__(self, g: GraphBuilder, x: str, seqlens_k: str, total_len: str, dims: DecoderDescription):
+    def __init__(self, g: GraphBuilder, ids: str, seqlens_k: str, total_len: str, dims: DecoderDescription):
         self.g, self.dims = g, dims
-        shape = g.op("Shape", x, name="lengths/Shape")
+        shape = g.op("Shape", ids, name="lengths/Shape")
         self.batch = g.op("Gather", shape, g.const(0), axis=0, name="lengths/batch")       # scalar
         self.seq = g.op("Gather", shape, g.const(1), axis=0, name="lengths/sequence")      # scalar
         self.seqlens = g.op("Cast", seqlens_k, to=TensorProto.INT64, name="lengths/seqlens")  # [B]
@@ -433,11 +475,11 @@ class _Lengths:
         self.total_1d = g.op("Unsqueeze", self.total, g.const([0]), name="mask/total1d")
 
 
-def _gather_last(g: GraphBuilder, x: str, inputs_embeds: str, seqlens_k: str) -> str:
+def _gather_last(g: GraphBuilder, x: str, ids: str, seqlens_k: str) -> str:
     """x [B, S, H] -> the row of each batch row's last real token [B, H]: that token sits
     at index seqlens_k[b] - past_b = min(seqlens_k[b], S - 1) of this call's S (few nodes:
     each is a dispatch on every decode step)."""
-    seq = g.op("Shape", inputs_embeds, start=1, end=2, name="last/sequence")             # [1]
+    seq = g.op("Shape", ids, start=1, end=2, name="last/sequence")             # [1]
     last_slot = g.op("Sub", seq, g.const([1]), name="last/last_slot")
     seqlens = g.op("Cast", seqlens_k, to=TensorProto.INT64, name="last/seqlens")          # [B]
     index = g.op("Min", seqlens, last_slot, name="last/index")

@@ -8,9 +8,9 @@ DIR is a transformers folder (config.json, *.safetensors, tokenizer.json) whose
 `architectures` export/adapters.py knows; its adapter's family picks the recipe
 (export/specs.py, one spec per graph):
 
-    LlamaForCausalLM, Qwen2ForCausalLM   llm: embed.onnx, decoder.onnx; with --vision and
+    LlamaForCausalLM, Qwen2ForCausalLM   llm: decoder.onnx; with --vision and
                                          --unet, an emu2 bundle
-    Emu3ForConditionalGeneration         emu3: embed, decoder (the text model), vq_encoder,
+    Emu3ForConditionalGeneration         emu3: decoder (the text model), vq_encoder,
                                          vq_decoder; the image settings from the folder's
                                          own files (export/emu3_folder.py); max_length by
                                          default room for the largest image it generates

@@ -7,9 +7,10 @@ and builds the graph with the builder in its own module. `export(writer, inputs)
 exporter's one call per spec: it opens what the spec needs from `ExportInputs`, adds the
 graph and returns the manifest fields it defines ({"model": ..., "emu2": ...}).
 
-    llm:   embed, decoder
-    emu2:  embed, decoder, vision_encoder, unet, judge (copied from the checkpoint if present)
-    emu3:  embed, decoder, vq_encoder, vq_decoder (export/vq.py)
+    llm:   decoder (token ids in: the embedding table is its first node)
+    emu2:  decoder (+ visual embeddings in, regressed embeddings out), vision_encoder, unet,
+           judge (copied from the checkpoint if present)
+    emu3:  decoder, vq_encoder, vq_decoder (export/vq.py)
 """
 
 from __future__ import annotations
@@ -46,57 +47,6 @@ class ExportInputs:
     log: object = field(default=print)
 
 
-# -- embed ---------------------------------------------------------------------------------
-
-
-@dataclass
-class EmbedSpec(ExportSpec):
-    desc: DecoderDescription
-    max_length: int
-    visual_dim: int | None = None       # with project_up: image_embeds spliced in
-    image_token_id: int | None = None
-
-    role = "embed"
-    names = {"input_ids": "input_ids", "image_embeds": "image_embeds", "inputs_embeds": "inputs_embeds"}
-    precisions = ("fp32", "fp16")
-
-    def dynamic_axes(self):
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}}
-        return axes | ({"image_embeds": {0: "image_tokens"}} if self.visual_dim else {})
-
-    def profiles(self):
-        profiles = {"input_ids": profile([1, 1], [1, 1], [MAX_BATCH, self.max_length])}
-        if self.visual_dim:
-            d = self.visual_dim
-            profiles["image_embeds"] = profile([0, d], [1, d], [MAX_BATCH * self.max_length, d])
-        return profiles
-
-    def sample_inputs(self, batch=1, seed=0, sequence=8):
-        rng = np.random.default_rng(seed)
-        ids = rng.integers(0, self.desc.vocab_size, (batch, sequence))
-        feeds = {"input_ids": ids}
-        if self.visual_dim:   # one visual embedding per image token the ids happen to hold
-            n = int((ids == self.image_token_id).sum())
-            feeds["image_embeds"] = rng.standard_normal((n, self.visual_dim)).astype(np.float32)
-        return feeds
-
-    def build(self, weights, project_up=None, spill=None) -> onnx.ModelProto:
-        """spill: the writer's data file for this graph (BundleWriter.spill), or None."""
-        from emu_edge.export.embed import build_embed
-
-        return build_embed(self.desc, weights, image_token_id=self.image_token_id, project_up=project_up,
-                           spill=spill)
-
-    @classmethod
-    def export(cls, writer, inputs: ExportInputs) -> dict:
-        desc = inputs.llm.source.description
-        visual_dim = None if inputs.project_up is None else int(inputs.project_up[0].shape[1])
-        spec = cls(desc, inputs.max_length, visual_dim, inputs.image_token_id)
-        inputs.log(f"  embed: vocab {desc.vocab_size} x hidden {desc.hidden_size}")
-        spec.add_to(writer, spec.build(inputs.llm.source.weights, inputs.project_up, spill=writer.spill(spec.role)))
-        return {}
-
-
 # -- decoder -------------------------------------------------------------------------------
 
 
@@ -105,10 +55,11 @@ class DecoderSpec(ExportSpec):
     desc: DecoderDescription
     max_length: int
     attention: str = "auto"
-    visual_dim: int | None = None       # with project_down: the regressed output
+    visual_dim: int | None = None       # emu2: image_embeds in (project_up), regressed out (project_down)
+    image_token_id: int | None = None   # where image_embeds are spliced in
 
     role = "decoder"
-    names = {"inputs_embeds": "inputs_embeds", "seqlens_k": "seqlens_k",
+    names = {"input_ids": "input_ids", "image_embeds": "image_embeds", "seqlens_k": "seqlens_k",
              "total_sequence_length": "total_sequence_length",
              "past_key": "past_key_values.{layer}.key", "past_value": "past_key_values.{layer}.value",
              "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
@@ -121,9 +72,15 @@ class DecoderSpec(ExportSpec):
     def _kv(self, batch):
         return [batch, self.desc.num_kv_heads, self.max_length, self.desc.head_dim]
 
+    @property
+    def takes_images(self) -> bool:
+        return bool(self.visual_dim) and self.image_token_id is not None
+
     def dynamic_axes(self):
         kv = {0: "batch", 2: "max_length"}
-        axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "seqlens_k": {0: "batch"}}
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "seqlens_k": {0: "batch"}}
+        if self.takes_images:
+            axes["image_embeds"] = {0: "image_tokens"}
         for i in range(self.desc.num_layers):
             axes |= {self.names[k].format(layer=i): kv for k in ("past_key", "past_value")}
         axes["logits"] = {0: "batch"}
@@ -132,9 +89,12 @@ class DecoderSpec(ExportSpec):
         return axes | ({"regressed": {0: "batch"}} if self.visual_dim else {})
 
     def profiles(self):
-        h, kv = self.desc.hidden_size, profile(self._kv(1), self._kv(1), self._kv(MAX_BATCH))
-        profiles = {"inputs_embeds": profile([1, 1, h], [1, 1, h], [MAX_BATCH, self.max_length, h]),
+        kv = profile(self._kv(1), self._kv(1), self._kv(MAX_BATCH))
+        profiles = {"input_ids": profile([1, 1], [1, 1], [MAX_BATCH, self.max_length]),
                     "seqlens_k": profile([1], [1], [MAX_BATCH])}
+        if self.takes_images:
+            d = self.visual_dim
+            profiles["image_embeds"] = profile([0, d], [1, d], [MAX_BATCH * self.max_length, d])
         for i in range(self.desc.num_layers):
             profiles |= {self.names[k].format(layer=i): kv for k in ("past_key", "past_value")}
         return profiles
@@ -142,33 +102,42 @@ class DecoderSpec(ExportSpec):
     def sample_inputs(self, batch=1, seed=0, sequence=5):
         """A first prompt of `sequence` tokens in every row, on an empty (zeroed) cache."""
         rng = np.random.default_rng(seed)
-        feeds = {"inputs_embeds": rng.standard_normal((batch, sequence, self.desc.hidden_size)).astype(np.float32),
-                 "seqlens_k": np.full(batch, sequence - 1, np.int32),
-                 "total_sequence_length": np.array(sequence, np.int32)}
+        ids = rng.integers(0, self.desc.vocab_size, (batch, sequence))
+        feeds = {"input_ids": ids}
+        if self.takes_images:   # one visual embedding per image token the ids happen to hold
+            n = int((ids == self.image_token_id).sum())
+            feeds["image_embeds"] = rng.standard_normal((n, self.visual_dim)).astype(np.float32)
+        feeds |= {"seqlens_k": np.full(batch, sequence - 1, np.int32),
+                  "total_sequence_length": np.array(sequence, np.int32)}
         for i in range(self.desc.num_layers):
             feeds |= {self.names[k].format(layer=i): np.zeros(self._kv(batch), np.float32)
                       for k in ("past_key", "past_value")}
         return feeds
 
-    def build(self, weights, project_down=None, spill=None) -> onnx.ModelProto:
+    def build(self, weights, project_down=None, project_up=None, spill=None) -> onnx.ModelProto:
         """spill: the writer's data file for this graph (BundleWriter.spill), or None."""
         from emu_edge.export.decoder import build_decoder
 
         return build_decoder(self.desc, weights, self.attention, self.max_length, project_down=project_down,
-                             spill=spill)
+                             project_up=project_up, image_token_id=self.image_token_id, spill=spill)
 
     @classmethod
     def export(cls, writer, inputs: ExportInputs) -> dict:
         llm = inputs.llm
         d = llm.source.description
+        if (inputs.project_up is None) != (inputs.project_down is None):
+            raise ValueError("project_up and project_down go together (emu2's visual embeddings in and out)")
         spec = cls(d, inputs.max_length, inputs.attention,
-                   None if inputs.project_down is None else int(inputs.project_down[0].shape[0]))
+                   None if inputs.project_down is None else int(inputs.project_down[0].shape[0]),
+                   inputs.image_token_id if inputs.project_up is not None else None)
         if inputs.attention == "auto" and spec.attention != "gqa":
             inputs.log(f"  head_dim {d.head_dim} is not a multiple of 16 (GroupQueryAttention's CPU kernel): "
                        "using standard attention")
         inputs.log(f"  decoder: {d.num_layers} layers, {d.num_heads} heads ({d.num_kv_heads} kv) x {d.head_dim}, "
                    f"attention {spec.attention}, max_length {spec.max_length}")
-        spec.add_to(writer, spec.build(llm.source.weights, inputs.project_down, spill=writer.spill(spec.role)))
+        inputs.log(f"  embedding: vocab {d.vocab_size} x hidden {d.hidden_size}, inside the decoder")
+        spec.add_to(writer, spec.build(llm.source.weights, inputs.project_down, inputs.project_up,
+                                       spill=writer.spill(spec.role)))
         return {"model": llm.model_fields(spec)}
 
 
@@ -315,9 +284,9 @@ class JudgeSpec(ExportSpec):
 
 
 RECIPES: dict[str, tuple[type[ExportSpec], ...]] = {
-    "llm": (EmbedSpec, DecoderSpec),
-    "emu2": (EmbedSpec, DecoderSpec, VisionEncoderSpec, UNetSpec, JudgeSpec),
-    "emu3": (EmbedSpec, DecoderSpec, VQEncoderSpec, VQDecoderSpec),
+    "llm": (DecoderSpec,),
+    "emu2": (DecoderSpec, VisionEncoderSpec, UNetSpec, JudgeSpec),
+    "emu3": (DecoderSpec, VQEncoderSpec, VQDecoderSpec),
 }
 
 

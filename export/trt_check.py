@@ -28,7 +28,7 @@ import onnx
 TRT_OPSETS = (9, 24)
 # Roles of the graphs that run on TensorRT (emu2: vision_encoder, unet; emu3: vq_encoder,
 # vq_decoder); the judge only scores images on the host.
-TENSORRT_GRAPHS = ("embed", "decoder", "vision_encoder", "unet", "vq_encoder", "vq_decoder")
+TENSORRT_GRAPHS = ("decoder", "vision_encoder", "unet", "vq_encoder", "vq_decoder")
 
 SUPPORTED_OPS = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization

@@ -10,6 +10,10 @@ leaving the runtime to guess it from which graphs exist; each graph says its rol
 tensor names the runtime binds for that role, and the precisions it may be turned into;
 the prompt layout is data (runtime.prompt.PromptLayout); family fields live in one object
 named after the family (`model.emu2`).
+
+Schema 3: the decoder takes token ids (`input_ids`, and for emu2 `image_embeds`) with the
+embedding table inside it, so there is no embed graph; a schema 2 bundle (embed.onnx in
+front of a decoder that took `inputs_embeds`) is refused with a request to re-export.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from typing import Any
 
 from emu_edge.runtime.prompt import PromptLayout, PromptLayoutError
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = (2,)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (3,)
 MANIFEST_FILE = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 ATTENTION_VARIANTS = ("gqa", "standard")

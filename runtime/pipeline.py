@@ -35,7 +35,7 @@ import numpy as np
 from emu_edge.runtime import text
 from emu_edge.runtime.backends import create_backend
 from emu_edge.runtime.bundle import Bundle
-from emu_edge.runtime.decoder import DecoderError, DecoderSession, embed_ids
+from emu_edge.runtime.decoder import DecoderError, DecoderSession
 from emu_edge.runtime.families import family_class
 from emu_edge.runtime.sampling import Sampler, SamplingConfig, StopChecker
 
@@ -128,14 +128,7 @@ class Pipeline:
         if not 1 <= max_length <= model.max_length:
             raise ValueError(f"max_length must be in 1..{model.max_length} (the decoder's rotary tables "
                              f"end there; re-export with a larger --max-length), got {max_length}")
-        manifest = bundle.manifest
-        # The embedding graph runs on one thread: it is a table lookup (plus one small
-        # projection), and a second thread pool would keep spinning beside the decoder's
-        # between their alternating calls, taking a core from it (on 2 cores this halved the
-        # decode step during image-embedding regression).
-        backends = {"embed": create_backend(bundle.path / manifest.role("embed").file, backend=backend,
-                                            device=device, threads=1),
-                    "decoder": create_backend(bundle.path / manifest.role("decoder").file, backend=backend,
+        backends = {"decoder": create_backend(bundle.path / bundle.manifest.role("decoder").file, backend=backend,
                                               device=device, threads=threads)}
         return cls(bundle, backends, max_length, device, backend, threads, max_sessions)
 
@@ -178,18 +171,11 @@ class Pipeline:
     def session(self, batch: int = 1, max_length: int | None = None) -> DecoderSession:
         """A new decoder session of `batch` rows, owned by the caller (its KV cache is
         allocated here). The Pipeline's own calls borrow pooled ones instead."""
-        return DecoderSession(self.backends["decoder"], self.backends["embed"], self.manifest, batch,
-                              max_length or self.max_length)
+        return DecoderSession(self.backends["decoder"], self.manifest, batch, max_length or self.max_length)
 
     def borrow_session(self, batch: int):
         """`with pipe.borrow_session(2) as session:` a pooled session for one call."""
         return self._sessions.borrow(batch)
-
-    def embed(self, input_ids: np.ndarray, visual: np.ndarray | None = None) -> np.ndarray:
-        """The embedding step: ids [B, S] (+ [N, visual_dim] for the N placeholders) -> [B, S, H]."""
-        layout = self.manifest.model.prompt
-        return embed_ids(self.backends["embed"], self.manifest.role("embed"), input_ids, visual,
-                         layout.placeholder_id if layout is not None else None)
 
     # -- the text verbs (every family) -----------------------------------------------------
 

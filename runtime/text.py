@@ -1,6 +1,6 @@
 """The text core: the verbs of a text loop, and the one loop that every text verb runs.
 
-As gpt-fast's generate.py: `prefill` (embed the prompts, fill the cache), `decode_step`
+As gpt-fast's generate.py: `prefill` (fill the cache from the prompts), `decode_step`
 (one token per row), `sample` (never a banned id), and `loop`, which samples, yields,
 stops a row at its stop id and feeds the rest back. `Pipeline.generate_ids`,
 `generate_text(_batch)`, `stream_text` and `Conversation` all run `loop`; a family adds

@@ -135,10 +135,22 @@ def test_decoder_matches_transformers_generate(pipe, shipped_checkpoint_dir):
     import torch
     from transformers import LlamaForCausalLM
 
+    from safetensors.numpy import load_file
+
     model = LlamaForCausalLM.from_pretrained(shipped_checkpoint_dir / "llm", dtype=torch.float32).eval()
+    table = model.get_input_embeddings().weight.detach().numpy()
+    proj = load_file(shipped_checkpoint_dir / "projections.safetensors")
+    placeholder = pipe.manifest.model.prompt.placeholder_id
     for items in (_cases()["vqa_0"], _cases()["caption_1"], ["how many objects are there?"]):
         encoded = pipe.encode_items(items, "text", "chat")
-        embeds = pipe.embed(np.asarray([encoded.ids], np.int64), pipe.encode_visuals(encoded.visuals))
+        # The inputs the exported decoder builds inside its graph: the token table, with
+        # project_up of the vision encoder's embeddings at the image token's positions.
+        ids = np.asarray(encoded.ids)
+        embeds = table[ids][None].copy()
+        if (ids == placeholder).any():
+            visual = pipe.encode_visuals(encoded.visuals)
+            embeds[0, ids == placeholder] = visual @ proj["project_up.weight"].astype(np.float32).T + proj[
+                "project_up.bias"].astype(np.float32)
         ours = _token_ids(pipe, items, "chat", stop=False)[1]
         with torch.no_grad():
             theirs = model.generate(inputs_embeds=torch.from_numpy(embeds), do_sample=False,

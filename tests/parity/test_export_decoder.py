@@ -1,6 +1,6 @@
-"""The decoder and embedding graphs against the PyTorch model they were built from.
+"""The decoder graph (token embedding inside) against the PyTorch model it was built from.
 
-Parity is teacher-forced: a fresh random sequence runs through the ONNX decoder through its
+Parity is teacher-forced: fresh random token ids run through the ONNX decoder through its
 KV cache (a prefill, then one position per step, then a multi-token continuation) and every
 position's logits are compared with one full PyTorch forward over the whole sequence.
 """
@@ -17,7 +17,6 @@ from tiny_models import LLM_PRESETS, build_llm, llm_config
 from emu_edge.export.adapters import ADAPTERS, from_model
 from emu_edge.export.bundle_writer import BundleWriter, min_onnxruntime_for
 from emu_edge.export.decoder import DecoderExportError, build_decoder, resolve_attention
-from emu_edge.export.embed import build_embed
 from emu_edge.export.specs import DecoderSpec
 from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.manifest import KVSpec, ModelSpec
@@ -30,9 +29,10 @@ def _desc(config):
     return ADAPTERS["LlamaForCausalLM"].describe(config)
 
 
-def _build(model, attention, project_down=None):
+def _build(model, attention, project_down=None, project_up=None, image_token_id=None):
     source = from_model(model)
-    return build_decoder(source.description, source.weights, attention, MAX_LENGTH, project_down=project_down)
+    return build_decoder(source.description, source.weights, attention, MAX_LENGTH, project_down=project_down,
+                         project_up=project_up, image_token_id=image_token_id)
 
 
 def _variants(preset: str) -> list[str]:
@@ -63,10 +63,12 @@ class OnnxDecoder:
         self.binding.bind_ortvalue_output("logits", self.logits)
         self.lengths = np.zeros(batch, np.int64)
 
-    def run(self, embeds: np.ndarray, counts=None) -> np.ndarray:
-        counts = np.full(embeds.shape[0], embeds.shape[1]) if counts is None else np.asarray(counts)
+    def run(self, ids: np.ndarray, counts=None, images: np.ndarray | None = None) -> np.ndarray:
+        counts = np.full(ids.shape[0], ids.shape[1]) if counts is None else np.asarray(counts)
         totals = self.lengths + counts
-        self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        if images is not None:
+            self.binding.bind_cpu_input("image_embeds", np.ascontiguousarray(images, dtype=np.float32))
         self.binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
         self.binding.bind_cpu_input("total_sequence_length", np.array(totals.max(), np.int32))
         self.session.run_with_iobinding(self.binding)
@@ -84,11 +86,9 @@ def _assert_close(got: np.ndarray, ref: np.ndarray, what: str) -> None:
 def test_decoder_logits_match_torch_teacher_forced(preset, attention):
     model = build_llm(preset, seed=1)
     graph = _build(model, attention)
-    torch.manual_seed(100 + len(preset))
-    embeds = torch.randn(1, 24, model.config.hidden_size)
+    x = np.random.default_rng(100 + len(preset)).integers(0, model.config.vocab_size, (1, 24))
     with torch.no_grad():
-        ref = model(inputs_embeds=embeds).logits[0].numpy()   # [24, V]
-    x = embeds.numpy()
+        ref = model(input_ids=torch.from_numpy(x)).logits[0].numpy()   # [24, V]
     dec = OnnxDecoder(graph, model.config)
     got = {6: dec.run(x[:, :7])[0]}                            # prefill 7
     for t in range(7, 16):                                     # steps
@@ -103,21 +103,21 @@ def test_decoder_logits_match_torch_teacher_forced(preset, attention):
 def test_ragged_batch_matches_each_row_alone(attention):
     model = build_llm("gqa", seed=2)
     graph = _build(model, attention)
-    torch.manual_seed(7)
+    rng = np.random.default_rng(7)
     lengths = [3, 9, 6]
-    rows = [torch.randn(1, n + 4, model.config.hidden_size) for n in lengths]
+    rows = [rng.integers(1, model.config.vocab_size, (1, n + 4)) for n in lengths]
     with torch.no_grad():
-        refs = [model(inputs_embeds=r).logits[0].numpy() for r in rows]
-    padded = np.zeros([3, max(lengths), model.config.hidden_size], np.float32)
+        refs = [model(input_ids=torch.from_numpy(r)).logits[0].numpy() for r in rows]
+    padded = np.zeros([3, max(lengths)], np.int64)
     for b, n in enumerate(lengths):
-        padded[b, :n] = rows[b][0, :n].numpy()
-    padded[0, 3:] = 123.0  # padding must not leak into any row
+        padded[b, :n] = rows[b][0, :n]
+    padded[0, 3:] = 5  # padding must not leak into any row
     dec = OnnxDecoder(graph, model.config, batch=3)
     got = dec.run(padded, lengths)
     for b, n in enumerate(lengths):
         _assert_close(got[b], refs[b][n - 1], f"row {b} after prefill")
     for s in range(4):
-        step = np.stack([rows[b][0, lengths[b] + s].numpy() for b in range(3)])[:, None]
+        step = np.stack([rows[b][0, lengths[b] + s] for b in range(3)])[:, None]
         got = dec.run(step, [1, 1, 1])
         for b, n in enumerate(lengths):
             _assert_close(got[b], refs[b][n + s], f"row {b} step {s}")
@@ -133,7 +133,7 @@ def test_regressed_matches_project_down_of_final_hidden(attention):
     graph = _build(model, attention, project_down=(weight, bias))
     feeds = DecoderSpec(_desc(model.config), MAX_LENGTH, attention, visual_dim).sample_inputs(batch=2, sequence=5)
     with torch.no_grad():
-        hidden = model.model(inputs_embeds=torch.from_numpy(feeds["inputs_embeds"])).last_hidden_state[:, -1].numpy()
+        hidden = model.model(input_ids=torch.from_numpy(feeds["input_ids"])).last_hidden_state[:, -1].numpy()
     ref = hidden @ weight.T + bias
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     regressed = session.run(["regressed"], feeds)[0]
@@ -216,8 +216,8 @@ def test_external_data_above_threshold(tmp_path):
     bundle = Bundle.open(out)  # hashes both files
     assert bundle.manifest.graphs["decoder"].external_data == spec.external_data
     loaded = onnx.load(str(out / "decoder.onnx"))  # pulls the external tensors back in
-    embeds = np.random.default_rng(5).standard_normal((1, 6, model.config.hidden_size)).astype(np.float32)
-    np.testing.assert_array_equal(OnnxDecoder(loaded, model.config).run(embeds), reference.run(embeds))
+    ids = np.random.default_rng(5).integers(0, model.config.vocab_size, (1, 6))
+    np.testing.assert_array_equal(OnnxDecoder(loaded, model.config).run(ids), reference.run(ids))
     assert not list(tmp_path.glob(".bundle.partial-*"))
 
 
@@ -227,59 +227,48 @@ def _tiny_tokenizer():
     return build_tokenizer(16)
 
 
-# -- the embedding graph ---------------------------------------------------------------
+# -- visual embeddings spliced in ----------------------------------------------------------
 
 
-def _embed_session(model, image_token_id=None, project_up=None):
-    source = from_model(model)
-    graph = build_embed(source.description, source.weights, image_token_id=image_token_id, project_up=project_up)
-    onnx.checker.check_model(graph, full_check=True)
-    assert graph.ir_version <= 9
-    return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-def test_embed_is_the_token_embedding():
-    model = build_llm("gqa", seed=5)
-    session = _embed_session(model)
-    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 9))
-    got = session.run(None, {"input_ids": ids})[0]
-    with torch.no_grad():
-        ref = model.get_input_embeddings()(torch.from_numpy(ids)).numpy()
-    np.testing.assert_array_equal(got, ref)
-
-
-def test_embed_splices_projected_images_in_row_major_order():
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_projected_images_are_spliced_in_row_major_order(attention):
+    """Emu2's visual embeddings enter the decoder at the image token's positions, in
+    row-major order: the logits equal PyTorch's on the spliced embeddings, for a prompt, for
+    one regressed embedding fed back per row, and for a text step with no images."""
     model = build_llm("gqa", seed=6)
     rng = np.random.default_rng(2)
     hidden, visual_dim, image_id = model.config.hidden_size, 12, 7
-    weight = rng.standard_normal((hidden, visual_dim)).astype(np.float32)
-    bias = rng.standard_normal(hidden).astype(np.float32)
-    session = _embed_session(model, image_id, (weight, bias))
-    ids = rng.integers(10, model.config.vocab_size, (2, 8))
+    weight = rng.standard_normal((hidden, visual_dim)).astype(np.float32) * 0.1
+    bias = rng.standard_normal(hidden).astype(np.float32) * 0.1
+    graph = _build(model, attention, project_up=(weight, bias), image_token_id=image_id)
+    onnx.checker.check_model(graph, full_check=True)
+    table = model.get_input_embeddings().weight.detach().numpy()
+
+    ids = rng.integers(10, model.config.vocab_size, (2, 10))
     ids[0, [1, 2, 6]] = image_id
     ids[1, [0, 5]] = image_id
-    images = rng.standard_normal((5, visual_dim)).astype(np.float32)
-    got = session.run(None, {"input_ids": ids, "image_embeds": images})[0]
-    table = model.get_input_embeddings().weight.detach().numpy()
-    ref = table[ids]
+    ids[:, 8] = image_id            # one regressed embedding per row, fed back as a step
+    images = rng.standard_normal((7, visual_dim)).astype(np.float32)
+    spliced = table[ids]
     projected = images @ weight.T + bias
-    for k, (b, s) in enumerate([(0, 1), (0, 2), (0, 6), (1, 0), (1, 5)]):
-        ref[b, s] = projected[k]
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    for k, (b, s) in enumerate([(0, 1), (0, 2), (0, 6), (1, 0), (1, 5), (0, 8), (1, 8)]):
+        spliced[b, s] = projected[k]
+    with torch.no_grad():
+        ref = model(inputs_embeds=torch.from_numpy(spliced)).logits.numpy()   # [2, 10, V]
 
-    # A regressed embedding fed back as the next decoder input: one image token, one row.
-    one = rng.standard_normal((1, visual_dim)).astype(np.float32)
-    got = session.run(None, {"input_ids": np.array([[image_id]]), "image_embeds": one})[0]
-    np.testing.assert_allclose(got[0, 0], (one @ weight.T + bias)[0], rtol=0, atol=1e-5)
-
-    # Text-only steps: no image tokens, an empty [0, visual_dim] block.
-    text = rng.integers(10, model.config.vocab_size, (1, 4))
-    got = session.run(None, {"input_ids": text, "image_embeds": np.zeros((0, visual_dim), np.float32)})[0]
-    np.testing.assert_array_equal(got, table[text])
+    dec = OnnxDecoder(graph, model.config, batch=2)
+    empty = np.zeros((0, visual_dim), np.float32)
+    got = dec.run(ids[:, :8], images=images[:5])
+    last = dec.run(ids[:, 8:9], [1, 1], images=images[5:])
+    text = dec.run(ids[:, 9:10], [1, 1], images=empty)
+    for b in range(2):
+        _assert_close(got[b], ref[b, 7], f"row {b} prompt")
+        _assert_close(last[b], ref[b, 8], f"row {b} regressed step")
+        _assert_close(text[b], ref[b, 9], f"row {b} text step")
 
     # A count that differs from the image tokens is an error, never a silent misplacement.
     with pytest.raises(Exception, match="ScatterND|updates"):
-        session.run(None, {"input_ids": ids, "image_embeds": images[:4]})
+        OnnxDecoder(graph, model.config, batch=2).run(ids[:, :8], images=images[:4])
 
 
 # -- adapters: one canonical decoder, several source layouts ------------------------------
@@ -316,17 +305,14 @@ def test_emu3_adapter_maps_the_text_model_onto_the_decoder(tmp_path):
     assert source.adapter.family == "emu3" and source.description.rope_theta == 1e6
     assert source.weights.names["layers.1.attn.q.weight"] == "text_model.model.layers.1.self_attn.q_proj.weight"
     desc = source.description
-    embed = ort.InferenceSession(build_embed(desc, source.weights).SerializeToString(),
-                                 providers=["CPUExecutionProvider"])
     dec = OnnxDecoder(build_decoder(desc, source.weights, "gqa", MAX_LENGTH), source.config)
     ids = np.random.default_rng(3).integers(3, desc.vocab_size, (1, 12))
     reference = Emu3ForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
         ref = reference(input_ids=torch.from_numpy(ids)).logits[0].numpy()
-    embeds = embed.run(None, {"input_ids": ids})[0]
-    _assert_close(dec.run(embeds[:, :9])[0], ref[8], "emu3 prefill")
+    _assert_close(dec.run(ids[:, :9])[0], ref[8], "emu3 prefill")
     for t in range(9, 12):
-        _assert_close(dec.run(embeds[:, t:t + 1])[0], ref[t], f"emu3 step {t}")
+        _assert_close(dec.run(ids[:, t:t + 1])[0], ref[t], f"emu3 step {t}")
 
 
 def test_export_hf_refuses_an_unknown_architecture(tmp_path, capsys):

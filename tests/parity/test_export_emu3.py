@@ -17,7 +17,7 @@ from emu_edge.cli import main as cli_main
 from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.manifest import Manifest
 
-ROLES = {"embed", "decoder", "vq_encoder", "vq_decoder"}
+ROLES = {"decoder", "vq_encoder", "vq_decoder"}
 # one preset through each CLI form: the folder positional and --llm
 FORMS = {"f2": lambda folder: [str(folder)], "f4": lambda folder: ["--llm", str(folder)]}
 
@@ -137,14 +137,13 @@ def _reference(folder: Path):
 
 @pytest.mark.parametrize("preset", sorted(EMU3_PRESETS))
 def test_decoder_logits_equal_transformers(preset, exported):
-    """One prefill of text and visual ids through the bundle's embed and decoder graphs."""
+    """One prefill of text and visual ids through the bundle's decoder graph."""
     folder, bundle = exported(preset)
     manifest = Manifest.load(bundle)
-    embed, decoder = manifest.role("embed"), manifest.role("decoder")
+    decoder = manifest.role("decoder")
     kv = manifest.model.kv
     ids = np.random.default_rng(5).integers(3, manifest.model.vocab_size, (2, 11))
-    embeds = _session(bundle / embed.file).run([embed.name("inputs_embeds")], {embed.name("input_ids"): ids})[0]
-    feeds = {decoder.name("inputs_embeds"): embeds, decoder.name("seqlens_k"): np.full(2, 10, np.int32),
+    feeds = {decoder.name("input_ids"): ids, decoder.name("seqlens_k"): np.full(2, 10, np.int32),
              decoder.name("total_sequence_length"): np.array(11, np.int32)}
     for i in range(kv.num_layers):
         for key in ("past_key", "past_value"):

@@ -55,9 +55,9 @@ def test_int8_bundle(tiny_bundle, calib, tmp_path):
     src, q = Bundle.open(tiny_bundle), Bundle.open(out)
     graphs = q.manifest.graphs
     assert {n: g.precision for n, g in graphs.items()} == {
-        "embed": "fp32", "decoder": "int8", "vision_encoder": "int8", "unet": "int8", "judge": "fp32"}
-    for name in ("embed", "judge"):   # left alone: copied byte for byte
-        assert graphs[name].sha256 == src.manifest.graphs[name].sha256
+        "decoder": "int8", "vision_encoder": "int8", "unet": "int8", "judge": "fp32"}
+    # left alone: copied byte for byte
+    assert graphs["judge"].sha256 == src.manifest.graphs["judge"].sha256
     for name in ("decoder", "vision_encoder", "unet"):
         before, after = onnx.load(str(src.graph_path(name))), onnx.load(str(q.graph_path(name)))
         assert _io(after) == _io(before), f"{name}: graph inputs and outputs must not change"
@@ -91,7 +91,9 @@ def test_int4_decoder_keeps_the_kv_contract(int4, tiny_bundle):
     # The output heads get 8 bits (their error would land in the outputs as is), the rest 4.
     bits = {n.name: a.i for n in decoder.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name == "bits"}
-    assert "MatMul" not in _ops(decoder) and len(bits) == 4 * 2 + 2   # qkv, o, gate|up, down x 2 layers; heads
+    assert len(bits) == 4 * 2 + 2   # qkv, o, gate|up, down x 2 layers; heads
+    # project_up (visual embeddings in) stays float, as the token table beside it.
+    assert [n.name for n in decoder.graph.node if n.op_type == "MatMul"] == ["project_up/MatMul"]
     assert {n for n, b in bits.items() if b == 8} == {"lm_head/MatMul_Q8", "project_down/MatMul_Q8"}
     assert Bundle.open(path).manifest.graphs["decoder"].min_onnxruntime == "1.22"
     assert _io(decoder) == _io(onnx.load(str(Bundle.open(tiny_bundle).graph_path("decoder"))))
@@ -121,7 +123,7 @@ def test_fp16_runs_on_the_cpu_provider(tiny_bundle, tmp_path):
     q = Bundle.open(out)
     assert q.manifest.model.kv.dtype == "float16"
     assert q.manifest.graphs["decoder"].input("past_key_values.0.key").dtype == "float16"
-    assert q.manifest.graphs["decoder"].input("inputs_embeds").dtype == "float32"
+    assert q.manifest.graphs["decoder"].input("image_embeds").dtype == "float32"
     assert q.manifest.graphs["judge"].precision == "fp32"
     pipe, fp32 = Pipeline.load(out, threads=1), Pipeline.load(tiny_bundle, threads=1)
     prompt = [1, 20, 31, 40]
@@ -173,14 +175,14 @@ def test_already_quantized_graphs_are_refused(int4, tmp_path):
     with pytest.raises(QuantizeError, match="already int8"):
         quantize_bundle(path, tmp_path / "again", QuantizeSettings(graphs={"unet": "fp16"}), log=lambda *a: None)
     # Graphs still in fp32 may be converted; the quantized ones are carried over as they are.
-    out, _ = quantize_bundle(path, tmp_path / "embed16", QuantizeSettings(graphs={"embed": "fp16"}),
+    out, _ = quantize_bundle(path, tmp_path / "vision16", QuantizeSettings(graphs={"vision_encoder": "fp16"}),
                              log=lambda *a: None)
     assert Bundle.open(out).manifest.graphs["decoder"].sha256 == Bundle.open(path).manifest.graphs["decoder"].sha256
 
 
 @pytest.mark.parametrize("args, message", [
     (["--precision", "int3"], "valid precisions: fp32, fp16, int8, int4"),
-    (["--graph", "decoder=int4,audio=int8"], "this bundle's graphs are: embed, decoder, vision_encoder, unet, judge"),
+    (["--graph", "decoder=int4,audio=int8"], "this bundle's graphs are: decoder, vision_encoder, unet, judge"),
     (["--graph", "unet=int4"], "valid precisions for unet: fp32, fp16, int8"),
     (["--precision", "int8", "--method", "kl", "--calibration", "CALIB"], "valid methods: minmax, entropy, percentile"),
     (["--precision", "int8"], "needs --calibration CALIB"),

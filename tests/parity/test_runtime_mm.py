@@ -75,8 +75,8 @@ def test_text_to_image_matches_pytorch_within_2_levels(any_pipe, tiny_model):
 
 
 def test_bound_regression_step_equals_embedding_then_step(pipe):
-    """step_regressed (embed.onnx reading the decoder's bound output) gives what the
-    plain path gives: embed the <image> ids with the last regressed rows, then step();
+    """step_regressed (the decoder reading its own bound output as image_embeds) gives
+    what the plain path gives: extend by the <image> ids with the last regressed rows;
     a batch of two prompts of different lengths, so each row continues from its own end."""
     encoded = [pipe.encode_items([p], "image") for p in ("a red circle", "a large blue square on the left")]
     assert len({len(e.ids) for e in encoded}) == 2
@@ -86,7 +86,7 @@ def test_bound_regression_step_equals_embedding_then_step(pipe):
     plain, bound = (s.prefill([e.ids for e in encoded]) for s in sessions)
     ids = np.full((2, 1), pipe.manifest.model.prompt.tokens["<image>"], np.int64)
     for _ in range(5):
-        plain = sessions[0].step_embeds(pipe.embed(ids, plain.regressed))
+        plain = sessions[0].extend(ids, plain.regressed)
         bound = sessions[1].step_regressed()
         np.testing.assert_array_equal(bound.regressed, plain.regressed)
         np.testing.assert_array_equal(bound.logits, plain.logits)

@@ -197,7 +197,7 @@ def test_context_limits_are_named(bundles):
         pipe.generate_ids(list(range(3, 33)), 20)
     session = pipe.session(1)
     with pytest.raises(ContextTooLongError, match="max_length 40"):
-        session.prefill_embeds(np.zeros([1, 41, pipe.manifest.model.hidden_size], np.float32))
+        session.prefill([list(range(3, 44))])
 
 
 # -- bundle checks -----------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_unknown_schema_version_is_refused(bundle_copy):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["schema_version"] = 99
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"schema_version 99; this runtime reads schema version\(s\) 2"):
+    with pytest.raises(BundleError, match=r"schema_version 99; this runtime reads schema version\(s\) 3"):
         Bundle.open(bundle_copy)
 
 
@@ -244,8 +244,8 @@ def test_sha256_mismatch_names_the_file(bundle_copy):
 
 
 def test_missing_graph_file_is_named(bundle_copy):
-    (bundle_copy / "embed.onnx").unlink()
-    with pytest.raises(BundleError, match=r"embed\.onnx \(graph 'embed'\) is missing"):
+    (bundle_copy / "decoder.onnx").unlink()
+    with pytest.raises(BundleError, match=r"decoder\.onnx \(graph 'decoder'\) is missing"):
         Bundle.open(bundle_copy)
 
 

@@ -35,8 +35,8 @@ def _edit(folder: Path, change) -> None:
     ("graphs.decoder.file", "../outside/decoder.onnx"),
     ("graphs.decoder.file", "ABSOLUTE"),
     ("graphs.decoder.file", "sub/decoder.onnx"),
-    ("graphs.embed.file", "..\\outside\\embed.onnx"),
-    ("graphs.embed.file", ".."),
+    ("graphs.unet.file", "..\\outside\\unet.onnx"),
+    ("graphs.unet.file", ".."),
     ("tokenizer", "../outside/tokenizer.json"),
     ("tokenizer", "ABSOLUTE"),
 ])

@@ -1,4 +1,4 @@
-"""The decoder and embed graphs are built straight into their external data file
+"""The decoder graph is built straight into its external data file
 (BundleWriter.spill): over the threshold the bundle keeps it, and runs as the single-file
 bundle does; under it the graph is read back into one file, byte for byte what the
 in-memory build gives."""
@@ -16,8 +16,7 @@ from emu_edge.cli import main
 from emu_edge.export import bundle_writer, hf_cli
 from emu_edge.export.bundle_writer import DATA_ALIGNMENT, BundleWriteError, BundleWriter
 from emu_edge.export.decoder import build_decoder
-from emu_edge.export.embed import build_embed
-from emu_edge.export.specs import DecoderSpec, EmbedSpec
+from emu_edge.export.specs import DecoderSpec
 from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.manifest import Manifest
 
@@ -46,38 +45,33 @@ def test_a_forced_threshold_keeps_the_data_files_and_runs_the_same(llm_folders, 
     single = _export(llm_folders(preset), tmp_path / "single")
     split = _export(llm_folders(preset), tmp_path / "split", threshold=1)
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [
-        "decoder.onnx", "embed.onnx", "manifest.json", "tokenizer.json"]
-    for name in ("embed", "decoder"):
-        assert not single.graphs[name].external_data
-        assert [e["file"] for e in split.graphs[name].external_data] == [f"{name}.onnx.data"]
-        graph = onnx.load(str(tmp_path / "split" / f"{name}.onnx"), load_external_data=False).graph
-        external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-        assert external and all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % DATA_ALIGNMENT == 0
-                                for t in external)
+        "decoder.onnx", "manifest.json", "tokenizer.json"]
+    assert not single.graphs["decoder"].external_data
+    assert [e["file"] for e in split.graphs["decoder"].external_data] == ["decoder.onnx.data"]
+    graph = onnx.load(str(tmp_path / "split" / "decoder.onnx"), load_external_data=False).graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % DATA_ALIGNMENT == 0
+                            for t in external)
     desc = hf_cli.load_llm(llm_folders(preset)).source.description
-    feeds = {"embed": EmbedSpec(desc, MAX_LENGTH).sample_inputs(batch=2),
-             "decoder": DecoderSpec(desc, MAX_LENGTH, "auto").sample_inputs(batch=2)}
-    for name, inputs in feeds.items():
-        want = _run(tmp_path / "single" / f"{name}.onnx", inputs)
-        got = _run(tmp_path / "split" / f"{name}.onnx", inputs)
-        for a, b in zip(got, want, strict=True):
-            np.testing.assert_array_equal(a, b)
+    inputs = DecoderSpec(desc, MAX_LENGTH, "auto").sample_inputs(batch=2)
+    want = _run(tmp_path / "single" / "decoder.onnx", inputs)
+    got = _run(tmp_path / "split" / "decoder.onnx", inputs)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_under_the_threshold_the_graphs_are_what_an_in_memory_build_saves(llm_folders, tmp_path, monkeypatch):
     monkeypatch.setattr(bundle_writer, "BLOCK_BYTES", 1000)
     _export(llm_folders("gqa"), tmp_path / "bundle")
     source = hf_cli.load_llm(llm_folders("gqa")).source
-    built = {"embed": build_embed(source.description, source.weights),
-             "decoder": build_decoder(source.description, source.weights, "gqa", MAX_LENGTH)}
-    for name, model in built.items():
-        assert (tmp_path / "bundle" / f"{name}.onnx").read_bytes() == model.SerializeToString()
+    model = build_decoder(source.description, source.weights, "gqa", MAX_LENGTH)
+    assert (tmp_path / "bundle" / "decoder.onnx").read_bytes() == model.SerializeToString()
 
 
 def test_a_graph_built_into_another_graphs_file_is_refused(llm_folders, tmp_path):
     source = hf_cli.load_llm(llm_folders("gqa")).source
     with BundleWriter(tmp_path / "bundle", log=lambda *_: None) as writer:
-        model = build_embed(source.description, source.weights, spill=writer.spill("decoder"))
-        with pytest.raises(BundleWriteError, match="external data in 'decoder.onnx.data'"):
-            writer.add_graph("embed", model, EmbedSpec(source.description, MAX_LENGTH))
+        model = build_decoder(source.description, source.weights, "gqa", MAX_LENGTH, spill=writer.spill("judge"))
+        with pytest.raises(BundleWriteError, match="external data in 'judge.onnx.data'"):
+            writer.add_graph("decoder", model, DecoderSpec(source.description, MAX_LENGTH, "gqa"))
     assert not list(tmp_path.iterdir())

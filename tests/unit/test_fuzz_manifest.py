@@ -32,7 +32,7 @@ OURS = (BundleError, ManifestError, BackendError)
 OUTSIDE = "outside"  # beside each fuzzed bundle: a copy of every bundle file
 PATHS = ["../outside/decoder.onnx", "../outside/tokenizer.json", "/etc/passwd", "sub/../decoder.onnx",
          "./decoder.onnx", "..", ".", "", "decoder.onnx/", "..\\outside\\embed.onnx", "C:embed.onnx",
-         "x" * 300, "decoder.onnx\x00", "tokenizer.json", "embed.onnx", "missing.onnx"]
+         "x" * 300, "decoder.onnx\x00", "tokenizer.json", "unet.onnx", "missing.onnx"]
 VALUES = st.one_of(
     st.none(), st.booleans(), st.sampled_from(PATHS), st.text(max_size=12),
     st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, 10**30]),
@@ -92,7 +92,7 @@ def _mutations(paths):
 
 GRAPH_DAMAGE = st.one_of(
     st.none(),
-    st.tuples(st.sampled_from(["embed", "decoder"]), st.sampled_from(["truncate", "flip", "prefix", "empty"]),
+    st.tuples(st.sampled_from(["decoder", "vision_encoder"]), st.sampled_from(["truncate", "flip", "prefix", "empty"]),
               st.integers(min_value=0, max_value=2**20), st.booleans()),
 )
 

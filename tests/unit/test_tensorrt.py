@@ -38,21 +38,21 @@ def standard_bundle(tiny_checkpoint, tmp_path_factory):
 
 def test_standard_bundle_is_buildable(standard_bundle, capsys):
     problems = check_bundle(standard_bundle)
-    assert set(problems) == {"embed", "decoder", "vision_encoder", "unet"}
+    assert set(problems) == {"decoder", "vision_encoder", "unet"}
     assert all(not p for p in problems.values()), problems
     assert main(["build-engines", str(standard_bundle), "--check"]) == 0
     assert "decoder: ok" in capsys.readouterr().out
 
 
 def test_emu3_standard_bundle_is_buildable(tmp_path, capsys):
-    """All four graphs of an emu3 bundle (embed, decoder, vq_encoder, vq_decoder) pass the
+    """All three graphs of an emu3 bundle (decoder, vq_encoder, vq_decoder) pass the
     check when the decoder is exported with standard attention; the default (gqa) decoder
     is caught as the emu2 one is."""
     from tiny_models import make_emu3_bundle
 
     bundle = make_emu3_bundle(tmp_path / "standard", "f2", "--attention", "standard")
     problems = check_bundle(bundle)
-    assert list(problems) == ["embed", "decoder", "vq_encoder", "vq_decoder"]
+    assert list(problems) == ["decoder", "vq_encoder", "vq_decoder"]
     assert all(not p for p in problems.values()), problems
     capsys.readouterr()
     assert main(["build-engines", str(bundle), "--check"]) == 0
@@ -249,13 +249,41 @@ def test_engines_match_onnxruntime(standard_bundle, tmp_path, monkeypatch):
 
     monkeypatch.setenv("EMU_EDGE_ENGINE_CACHE", str(tmp_path / "engines"))
     entries = build_engines(standard_bundle, "fp16")
-    assert {e["graph"] for e in entries} == {"embed", "decoder", "vision_encoder", "unet"}
+    assert {e["graph"] for e in entries} == {"decoder", "vision_encoder", "unet"}
     trt_pipe = Pipeline.load(standard_bundle, device="cuda", backend="tensorrt")
     ort_pipe = Pipeline.load(standard_bundle)
     prompt = [1, 20, 31, 40]
     assert trt_pipe.generate_ids(prompt, 12, ignore_eos=True) == ort_pipe.generate_ids(prompt, 12, ignore_eos=True)
     a = np.asarray(trt_pipe.generate_image(["a red circle"], steps=4), np.int16)
     b = np.asarray(ort_pipe.generate_image(["a red circle"], steps=4), np.int16)
+    assert np.abs(a - b).mean() < 2
+
+
+@pytest.mark.gpu
+@needs_tensorrt
+def test_emu3_engines_match_onnxruntime(tmp_path, monkeypatch):
+    """An emu3 bundle with the standard-ops decoder: every graph becomes an engine. Teacher
+    forced on onnxruntime's greedy image tokens, the engine's logits stay within fp16's
+    rounding of onnxruntime's at every step, and the VQ decoder draws the same codes alike."""
+    from tiny_models import make_emu3_bundle
+
+    from emu_edge.export.tensorrt import build_engines
+    from emu_edge.runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("EMU_EDGE_ENGINE_CACHE", str(tmp_path / "engines"))
+    bundle = make_emu3_bundle(tmp_path / "standard", "f2", "--attention", "standard")
+    entries = build_engines(bundle, "fp16")
+    assert {e["graph"] for e in entries} == {"decoder", "vq_encoder", "vq_decoder"}
+    trt_pipe = Pipeline.load(bundle, device="cuda", backend="tensorrt")
+    ort_pipe = Pipeline.load(bundle)
+    ids = ort_pipe.image_ids(["a red circle"], 16, 16, guidance=1.0, top_k=1)
+    sessions = [p.session(1) for p in (trt_pipe, ort_pipe)]
+    outs = [s.prefill([ort_pipe.image_prompt("a red circle", 2, 2)]) for s in sessions]
+    for token in ids[0, :-1]:
+        got, want = outs[0].logits, outs[1].logits
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+        outs = [s.step([token]) for s in sessions]
+    a, b = (np.asarray(p.decode_image_ids(ids, 2, 2)[0], np.int16) for p in (trt_pipe, ort_pipe))
     assert np.abs(a - b).mean() < 2
 
 
