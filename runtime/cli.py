@@ -142,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         if pipe.manifest.model.family == "emu3":
             progress = None if args.json else progress_bar("image tokens")
+            if not args.json:   # what the image will hold in memory, before it is allocated
+                print(pipe.image_memory([args.prompt], args.height, args.width, args.guidance, args.negative_prompt),
+                      file=sys.stderr)
             image = pipe.generate_image(args.prompt, height=args.height, width=args.width, guidance=args.guidance,
                                         negative_prompt=args.negative_prompt, top_k=args.top_k, seed=args.seed,
                                         progress=progress)

@@ -49,8 +49,8 @@ class FamilyVerbError(AttributeError, ValueError):
 
 class SessionPool:
     """Decoder sessions lent to one call at a time, at most `max_sessions` alive. A call
-    takes a free session of its batch size, or makes one (dropping a free one of another
-    size when the pool is full), or waits for one to come back."""
+    takes a free session of its batch size and length, or makes one (dropping a free one of
+    another size when the pool is full), or waits for one to come back."""
 
     def __init__(self, make, max_sessions: int):
         if not isinstance(max_sessions, int) or max_sessions < 1:
@@ -61,8 +61,8 @@ class SessionPool:
         self._cond = threading.Condition()
 
     @contextlib.contextmanager
-    def borrow(self, batch: int):
-        session = self._take(batch)
+    def borrow(self, batch: int, max_length: int):
+        session = self._take(batch, max_length)
         try:
             yield session
         finally:
@@ -71,10 +71,10 @@ class SessionPool:
                     self._free.append(session)
                 self._cond.notify()
 
-    def _take(self, batch: int) -> DecoderSession:
+    def _take(self, batch: int, max_length: int) -> DecoderSession:
         with self._cond:
             while True:
-                match = next((s for s in self._free if s.batch == batch), None)
+                match = next((s for s in self._free if (s.batch, s.max_length) == (batch, max_length)), None)
                 if match is not None:
                     self._free.remove(match)
                     return match
@@ -86,7 +86,7 @@ class SessionPool:
                     break
                 self._cond.wait()
         try:
-            return self._make(batch)  # allocated outside the lock: other calls go on
+            return self._make(batch, max_length)  # allocated outside the lock: other calls go on
         except BaseException:
             with self._cond:
                 self._alive -= 1
@@ -173,9 +173,10 @@ class Pipeline:
         allocated here). The Pipeline's own calls borrow pooled ones instead."""
         return DecoderSession(self.backends["decoder"], self.manifest, batch, max_length or self.max_length)
 
-    def borrow_session(self, batch: int):
-        """`with pipe.borrow_session(2) as session:` a pooled session for one call."""
-        return self._sessions.borrow(batch)
+    def borrow_session(self, batch: int, max_length: int | None = None):
+        """`with pipe.borrow_session(2) as session:` a pooled session for one call (of
+        max_length positions, default the Pipeline's)."""
+        return self._sessions.borrow(batch, max_length or self.max_length)
 
     # -- the text verbs (every family) -----------------------------------------------------
 

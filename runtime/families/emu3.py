@@ -16,6 +16,7 @@ Written out plainly for this family alone (diffusers' one pipeline per family).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,11 +24,36 @@ import numpy as np
 from PIL import Image
 
 from emu_edge.runtime import text
-from emu_edge.runtime.decoder import ContextTooLongError
+from emu_edge.runtime.decoder import ContextTooLongError, DecoderError, available_memory_bytes
 from emu_edge.runtime.families import split_by
 from emu_edge.runtime.images import load_image
 from emu_edge.runtime.prompt import SYSTEM_SLOT
 from emu_edge.runtime.sampling import Sampler, SamplingConfig, seed_groups
+
+
+@dataclass(frozen=True)
+class ImageMemory:
+    """The KV cache an image_ids call allocates, known before anything is allocated: one
+    decoder row per image (two with guidance: the negative prompt's), each as long as the
+    longest prompt plus the image tokens fed back."""
+
+    height: int
+    width: int
+    rows: int
+    positions: int
+    kv_bytes: int
+    kv_dtype: str
+
+    def __str__(self) -> str:
+        return (f"KV cache for {self.height}x{self.width}: {self.rows} row(s) x {self.positions} positions, "
+                f"{self.kv_bytes / 2**20:.1f} MiB ({self.kv_dtype})")
+
+    def check(self) -> None:
+        """Refuse, naming the image, when the cache would not fit in available memory."""
+        available = available_memory_bytes()
+        if available is not None and self.kv_bytes > available:
+            raise DecoderError(f"{self} but only {available / 2**20:.1f} MiB is available (MemAvailable); ask for a "
+                               f"smaller image, fewer images at once, or guidance 1 (one row per image)")
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -374,21 +400,19 @@ class Emu3:
         sampler = Sampler(SamplingConfig(do_sample=chosen["do_sample"], top_k=chosen["top_k"] if chosen["do_sample"]
                                          else 0, top_p=chosen["top_p"], temperature=chosen["temperature"]),
                           groups=groups)
-        cond = [self.image_prompt(p, rows, cols) for p in prompts]
-        guided = chosen["guidance"] != 1   # as transformers: scale 1 adds no unconditional pass
-        if guided:
-            if negative_prompt is None:
-                negative_prompt = (self.pipe.manifest.model.generation or {}).get("negative_prompt", "")
-            prompt_rows = cond + [self.image_prompt(negative_prompt, rows, cols)] * len(cond)
-        else:
-            prompt_rows = cond
-        self._check_room(max(len(r) for r in prompt_rows), rows, cols)
+        prompt_rows = self._prompt_rows(prompts, rows, cols, chosen["guidance"], negative_prompt)
+        memory = self._memory(prompt_rows, rows, cols)
+        memory.check()
+        cond = prompt_rows[: len(prompts)]
+        guided = len(prompt_rows) > len(cond)
         n = len(cond)
         total = rows * (cols + 1) + 1
         out_ids = np.empty((n, total), np.int64)
         histories: list[list[int]] = [list(r) for r in cond]
         s = self.spec
-        with self.pipe.borrow_session(len(prompt_rows)) as session:
+        # A session as long as this image needs, not the bundle's max_length (room for its
+        # largest image): smaller images take a cache of their own size.
+        with self.pipe.borrow_session(len(prompt_rows), memory.positions) as session:
             out = text.prefill(session, prompt_rows)
             for pos in range(total):
                 # Which ids may come here: a visual id inside a row, EOL at its end, EOF
@@ -417,6 +441,36 @@ class Emu3:
                 # The unconditional rows follow the same image: they are fed the chosen token.
                 out = text.decode_step(session, np.concatenate([tokens, tokens]) if guided else tokens)
         return out_ids
+
+    def _prompt_rows(self, prompts: list[str], rows: int, cols: int, guidance: float,
+                     negative_prompt: str | None) -> list[list[int]]:
+        """The decoder rows of a batch: the prompts, then (with guidance) the negative prompt
+        once per prompt."""
+        cond = [self.image_prompt(p, rows, cols) for p in prompts]
+        if guidance == 1:   # as transformers: scale 1 adds no unconditional pass
+            return cond
+        if negative_prompt is None:
+            negative_prompt = (self.pipe.manifest.model.generation or {}).get("negative_prompt", "")
+        return cond + [self.image_prompt(negative_prompt, rows, cols)] * len(cond)
+
+    def _memory(self, prompt_rows: list[list[int]], rows: int, cols: int) -> ImageMemory:
+        longest = max(len(r) for r in prompt_rows)
+        self._check_room(longest, rows, cols)
+        positions = longest + rows * (cols + 1)   # the last token (EOF) is never fed back
+        kv = self.pipe.manifest.model.kv
+        f = self.spec.spatial_factor
+        return ImageMemory(rows * f, cols * f, len(prompt_rows), positions, kv.bytes_for(len(prompt_rows), positions),
+                           kv.dtype)
+
+    def image_memory(self, prompts: list[str], height: int | None = None, width: int | None = None,
+                     guidance: float | None = None, negative_prompt: str | None = None) -> ImageMemory:
+        """What image_ids with these arguments allocates for its KV cache (nothing is
+        allocated here); raises as image_ids would when the image cannot fit the context."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts is a non-empty list of strings")
+        rows, cols = self.image_codes_size(height, width)
+        chosen = self.image_defaults(guidance, None, None, None)
+        return self._memory(self._prompt_rows(prompts, rows, cols, chosen["guidance"], negative_prompt), rows, cols)
 
     def image_sizes(self) -> str:
         """The sizes this bundle draws, in words."""

@@ -49,6 +49,7 @@ def test_generate_takes_the_emu3_options(emu3_bundle, tmp_path, capsys):
                  "--guidance", "2.5", "--negative-prompt", "w9", "--top-k", "1", "--seed", "3"]) == 0
     err = capsys.readouterr().err
     assert "image tokens [" in err and "17/17" in err   # 4 rows of 3 codes + EOL, then EOF
+    assert "KV cache for 8x6: 2 row(s)" in err          # the prompt and the negative prompt
     assert Image.open(out).size == (6, 8)
     # what the Python API gives for the same settings
     pipe = Pipeline.load(emu3_bundle, threads=1)

@@ -233,6 +233,31 @@ def test_image_prompt_greedy_text_equals_transformers(emu3, preset):
     assert chat.ask([image, "w5 w6"], max_new_tokens=8) == pipe.generate_text([image, "w5 w6"], max_new_tokens=8)
 
 
+def test_image_memory_is_stated_before_allocation_and_checked(emu3, monkeypatch):
+    """image_memory says what image_ids allocates (rows x positions x the KV layout) before
+    it runs; the session it borrows is exactly that long, not the bundle's max_length; and
+    a cache that would not fit is refused naming the image, before anything is allocated."""
+    from emu_edge.runtime import decoder
+    from emu_edge.runtime.decoder import DecoderError
+    from emu_edge.runtime.families import emu3 as family
+
+    pipe, _ = emu3("f2")
+    kv = pipe.manifest.model.kv
+    memory = pipe.image_memory(["w5 w6", "w7"], height=8, width=6, guidance=2.0, negative_prompt="w9")
+    prompt = max(len(pipe.image_prompt(p, 4, 3)) for p in ("w5 w6", "w7", "w9"))
+    assert (memory.rows, memory.positions) == (4, prompt + 4 * 4)   # 4 rows of 3 codes + EOL fed back
+    assert memory.kv_bytes == 2 * kv.num_layers * 4 * kv.num_kv_heads * memory.positions * kv.head_dim * 4
+    assert "8x6: 4 row(s)" in str(memory)
+    assert pipe.image_memory(["w5"], height=8, width=6, guidance=1.0).rows == 1
+    made = []
+    monkeypatch.setattr(decoder.KVCache, "_check_memory", lambda cache: made.append(cache.nbytes))
+    pipe.image_ids(["w5 w6", "w7"], height=8, width=6, guidance=2.0, negative_prompt="w9", top_k=1)
+    assert made == [memory.kv_bytes] and memory.positions < pipe.max_length
+    monkeypatch.setattr(family, "available_memory_bytes", lambda: memory.kv_bytes - 1)
+    with pytest.raises(DecoderError, match="KV cache for 8x6: 4 row.*smaller image"):
+        pipe.image_ids(["w5 w6", "w3"], height=8, width=6, guidance=2.0, negative_prompt="w9", top_k=1)
+
+
 def test_an_image_too_large_for_the_cache_is_refused_before_encoding(emu3):
     from PIL import Image
 
