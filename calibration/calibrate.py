@@ -2,8 +2,13 @@
 
 The bundle runs through the runtime's own Pipeline on a calibration folder, with each
 graph's backend wrapped in a recorder, so what is recorded is exactly what the graphs see
-in use: the vision encoder's pixels, the decoder at prefill, at each decode step and while regressing image embeddings, and the U-Net at every
-timestep with both guidance branches (they share one batched call).
+in use: the vision encoder's pixels, the decoder at prefill, at each decode step and
+while regressing image embeddings, and the U-Net at every timestep with both guidance
+branches (they share one batched call). An emu3 bundle's requests record its VQ encoder
+on the input images, the decoder on prompts whose images are visual tokens and through
+the image-token loop (cond and uncond rows), and its VQ decoder on the generated codes. A
+request the family cannot serve at all (an emu3 bundle asked to edit an image) is
+skipped, and said so.
 
     CALIB/
       calibration.json      what was recorded: per graph, the samples (the request they
@@ -30,6 +35,7 @@ import numpy as np
 
 from emu_edge.calibration.data import CalibrationDataError, Request, read_requests, token_prompts
 from emu_edge.runtime.bundle import Bundle
+from emu_edge.runtime.families import UnsupportedRequest
 from emu_edge.runtime.pipeline import Pipeline
 
 INDEX_FILE = "calibration.json"
@@ -37,7 +43,7 @@ FORMAT = "emu-edge-calibration"
 VERSION = 1
 KV_PREFIX = "past_key_values."
 # Graphs the model runs on a request; the judge only scores.
-RECORDED_GRAPHS = ("decoder", "vision_encoder", "unet")
+RECORDED_GRAPHS = ("decoder", "vision_encoder", "unet", "vq_encoder", "vq_decoder")
 
 
 # -- recording ------------------------------------------------------------------------------
@@ -127,6 +133,7 @@ def _trim_kv(feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]
 class CalibrateSettings:
     max_new_tokens: int = 16      # decode steps recorded per text request
     steps: int | None = None      # denoising steps per image request (default: the bundle's)
+    image_size: int | None = None  # side of generated images in pixels (default: the bundle's)
     max_samples: int = 256        # per graph, spread evenly over phases and requests
     heldout: float = 0.2          # fraction of requests kept for the accuracy report
     threads: int | None = None
@@ -146,9 +153,11 @@ def calibrate(bundle_path: str | Path, data: str | Path, out: str | Path, settin
             + ", ".join(f"{n} in {p}" for n, p in not_fp32.items()) + "; calibrate the fp32 bundle it came from")
     pipe = Pipeline.load(bundle, threads=settings.threads)
     multimodal = pipe.is_multimodal
-    requests = read_requests(data, bundle.manifest.model.emu2.image_size if multimodal else None, multimodal)
+    model = bundle.manifest.model
+    # Only emu2 takes images of one size; emu3 resizes any image as its processor does.
+    requests = read_requests(data, model.emu2.image_size if model.emu2 is not None else None, multimodal)
     recorder = _Recorder()
-    for name in ("vision_encoder", "unet"):
+    for name in RECORDED_GRAPHS:
         if bundle.has_graph(name):
             pipe.graph(name)
     pipe.backends = {n: _RecordingBackend(b, n, recorder) for n, b in pipe.backends.items()}
@@ -160,12 +169,18 @@ def calibrate(bundle_path: str | Path, data: str | Path, out: str | Path, settin
             request.ids = row
         log(f"  text prompts: {prompt_kind}")
     start = time.perf_counter()
+    skipped: dict[str, list[str]] = defaultdict(list)    # why -> tasks
     for k, request in enumerate(requests):
         recorder.context = {"request": k, "record": request.record, "task": request.task,
                             "heldout": k >= heldout_from}
-        _run_request(pipe, request, settings)
+        try:
+            _run_request(pipe, request, settings)
+        except UnsupportedRequest as e:
+            skipped[str(e)].append(request.task)
         if (k + 1) % 10 == 0 or k + 1 == len(requests):
             log(f"  {k + 1}/{len(requests)} requests, {time.perf_counter() - start:.0f} s")
+    for why, tasks in skipped.items():
+        log(f"  skipped {len(tasks)} request(s) ({', '.join(sorted(set(tasks)))}): {why}")
     return _save(out, bundle, data, requests, recorder, settings, heldout_from, prompt_kind, log)
 
 
@@ -174,6 +189,8 @@ def _check_settings(s: CalibrateSettings) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
     if s.steps is not None and s.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {s.steps}")
+    if s.image_size is not None and s.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1 pixel, got {s.image_size}")
     if s.max_samples < 2:
         raise ValueError(f"--max-samples must be >= 2, got {s.max_samples}")
     if not 0 <= s.heldout < 1:
@@ -190,10 +207,14 @@ def _run_request(pipe: Pipeline, request: Request, settings: CalibrateSettings) 
     if request.ids is not None:
         pipe.generate_ids(request.ids, settings.max_new_tokens, ignore_eos=True)
     elif request.generate == "image":
-        pipe.generate_image(request.items, steps=settings.steps, seed=request.record)
+        # The one image call every family has: images (subject-driven) before the prompt.
+        *images, prompt = request.items
+        pipe.image_request(prompt, images, width=settings.image_size, height=settings.image_size,
+                           steps=settings.steps, seed=request.record)
     else:
         # ignore_eos: a short answer would otherwise leave few decode steps to record.
-        pipe.generate_text(request.items, max_new_tokens=settings.max_new_tokens, ignore_eos=True)
+        # truncate: a few-shot prompt longer than the context keeps its latest items.
+        pipe.generate_text(request.items, max_new_tokens=settings.max_new_tokens, ignore_eos=True, truncate=True)
 
 
 def _spread(samples: list, cap: int) -> list:
@@ -223,7 +244,8 @@ def _save(out, bundle: Bundle, data, requests, recorder: _Recorder, settings: Ca
         "data": str(Path(data).resolve()), "requests": len(requests), "heldout_requests": len(requests) - heldout_from,
         "text_prompts": prompt_kind,
         "settings": {"max_new_tokens": settings.max_new_tokens, "steps": settings.steps,
-                     "max_samples": settings.max_samples, "heldout": settings.heldout},
+                     "image_size": settings.image_size, "max_samples": settings.max_samples,
+                     "heldout": settings.heldout},
         "graphs": {},
     }
     for graph in sorted(recorder.samples):
@@ -312,7 +334,7 @@ class Calibration:
                 raise CalibrationDataError(
                     f"{self.path} holds no samples of the {graph!r} graph (it has {', '.join(self.graphs) or 'none'}); "
                     f"the calibration folder needs requests that run it"
-                    + (" (text_to_image records for the U-Net)" if graph == "unet" else ""))
+                    + (" (text_to_image records)" if graph in ("unet", "vq_decoder") else ""))
             recorded = self.index["graphs"][graph]
             if recorded["sha256"] != spec.sha256:
                 raise CalibrationDataError(

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         parser.add_argument("--max-new-tokens", type=int, default=16, help="decode steps recorded per text prompt")
         parser.add_argument("--steps", type=int, default=None, help="denoising steps per image prompt "
                                                                     "(default: the bundle's)")
+        parser.add_argument("--image-size", type=int, default=None,
+                            help="side in pixels of the images an emu3 bundle generates (default: the bundle's "
+                                 "image area; a smaller one records the same graphs in far fewer steps)")
         parser.add_argument("--max-samples", type=int, default=256, help="samples kept per graph")
         parser.add_argument("--heldout", type=float, default=0.2,
                             help="fraction of the prompts held out for the accuracy report")
@@ -54,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                             help="static INT8 as TensorRT builds it (signed, symmetric, zero points 0)")
         parser.add_argument("--report", type=Path, help="write the accuracy report here (JSON) and beside it "
                                                         "as a table (.txt)")
+        parser.add_argument("--report-prompts", type=int, default=None,
+                            help="test-split prompts per task in the report (default: 200 captioning, 200 VQA, "
+                                 "64 text-to-image, 64 text)")
         parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--threads", type=thread_count, default=None,
                         help="CPU threads per graph (capped at the CPU count)")
@@ -67,8 +73,8 @@ def run(args) -> int:
 def _calibrate(args) -> int:
     from emu_edge.calibration.calibrate import CalibrateSettings, calibrate
 
-    settings = CalibrateSettings(max_new_tokens=args.max_new_tokens, steps=args.steps, max_samples=args.max_samples,
-                                 heldout=args.heldout, threads=args.threads)
+    settings = CalibrateSettings(max_new_tokens=args.max_new_tokens, steps=args.steps, image_size=args.image_size,
+                                 max_samples=args.max_samples, heldout=args.heldout, threads=args.threads)
     out = calibrate(args.bundle, args.data, args.out, settings)
     print(f"wrote {out}")
     return 0
@@ -85,6 +91,8 @@ def _quantize(args) -> int:
         method=args.method, exclude=parse_exclude(args.exclude), auto_exclude=not args.no_auto_exclude,
         max_rel_error=args.max_rel_error, max_excluded=args.max_excluded, block_size=args.block_size, accuracy_level=args.accuracy_level,
         symmetric=not args.asymmetric, tensorrt=args.tensorrt, threads=args.threads)
+    if args.report_prompts is not None and args.report_prompts < 1:
+        raise ValueError(f"--report-prompts must be >= 1, got {args.report_prompts}")
     if args.report is not None and args.calibration is None:
         raise ValueError("--report measures graphs on held-out calibration samples: pass --calibration CALIB "
                          "(emu-edge calibrate BUNDLE --data DIR --out CALIB)")
@@ -93,7 +101,11 @@ def _quantize(args) -> int:
     if args.report is not None:
         from emu_edge.calibration.report import ReportSettings, build_report, format_table, write_report
 
-        report = build_report(args.bundle, out, args.calibration, ReportSettings(threads=args.threads),
+        report_settings = ReportSettings(threads=args.threads)
+        if args.report_prompts is not None:
+            n = args.report_prompts
+            report_settings = ReportSettings(captions=n, vqa=n, t2i=n, text_prompts=n, threads=args.threads)
+        report = build_report(args.bundle, out, args.calibration, report_settings,
                               quantization={n: r.to_dict() for n, r in results.items()})
         json_path, table_path = write_report(report, args.report)
         print(format_table(report))

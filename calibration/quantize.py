@@ -2,8 +2,8 @@
 
 Precision is per graph (DESIGN.md), and each graph gets the method that pays on it:
 
-    vision_encoder, unet   int8: static QDQ (onnxruntime.quantization.quantize_static) on
-                           the op types in STATIC_INT8_OPS, activation ranges from a
+    vision_encoder, unet,  int8: static QDQ (onnxruntime.quantization.quantize_static) on
+    vq_decoder             the op types in STATIC_INT8_OPS, activation ranges from a
                            calibration folder (emu-edge calibrate), per-channel weights
     decoder                int8 / int4: weight-only, MatMul -> com.microsoft.MatMulNBits with
                            a block size (no calibration); the KV inputs and outputs, their
@@ -12,8 +12,9 @@ Precision is per graph (DESIGN.md), and each graph gets the method that pays on 
                            decoder's KV buffers, which become float16 (the manifest says so)
 
 `--precision P` sets every graph to P where the graph has P and it pays (int4 -> int8
-for graphs without 4-bit kernels; the embedding table, and the vision encoder whose INT8
-measured no faster, stay fp32 under int8/int4), `--graph name=P,...` sets single graphs.
+for graphs without 4-bit kernels; the embedding table, the vision encoder whose INT8
+measured no faster and Emu3's VQ graphs (NOT_INT8_BY_DEFAULT) stay fp32 under int8/int4),
+`--graph name=P,...` sets single graphs.
 The judge is never quantized: it is the yardstick. Graphs left in their precision are
 copied byte for byte (same sha256); a graph that is already quantized is refused rather
 than quantized twice.
@@ -59,13 +60,31 @@ WEIGHT_ONLY_GRAPHS = ("decoder",)
 #   vision_encoder: MatMul when asked for (3x smaller, 2% error). It is not quantized by
 #     --precision int8/int4 (INT8_BY_DEFAULT): its GEMMs (65 tokens x 128) are too small
 #     for INT8 to pay, 0.76-1.06x FP32 over 1-2 threads and batch 1-16.
+#   vq_decoder, vq_encoder (Emu3): measured by benchmarks/vq_precision.py (random weights,
+#     1 and 2 threads) on Emu3's VQ-VAE architecture at a quarter of its width (17M
+#     parameters), 64x64 / 128x128 pixels, against FP32:
+#       vq_decoder  int8 Conv 2.26x / 2.23x faster on 1 thread, 2.46x / 2.21x on 2, at PSNR
+#                   34.5 / 32.4 dB (5-6% error); Conv+MatMul no better; MatMulNBits 8-bit
+#                   (dynamic int8 activations, the attention projections) 0.96-1.01x; fp16
+#                   0.96-1.00x (the CPU provider has no fp16 convolutions)
+#       vq_encoder  int8 Conv 1.96-2.51x faster, but 56% / 67% of the codes change (a
+#                   32768-entry codebook in 4 dimensions: the nearest code moves with any
+#                   rounding); MatMulNBits 8-bit 0.84-0.94x, 6-7% of the codes; fp16
+#                   0.93-0.97x, 1.6% / 0.7%.
+#     The tiny test VQ-VAE: Conv 1.25-1.70x, the same pattern of errors. So the encoder
+#     offers no int8 (its export spec lists fp32, fp16) and the decoder offers Conv.
 STATIC_INT8_OPS: dict[str, tuple[str, ...]] = {
     "vision_encoder": ("MatMul",),
     "unet": ("Conv",),
+    "vq_decoder": ("Conv",),
 }
-# Graphs --precision int8/int4 leaves in float, and why (--graph NAME=int8 still asks).
+# Graphs --precision int8/int4 leaves in float, and why (--graph NAME=int8 still asks where
+# the graph's export spec allows int8).
 NOT_INT8_BY_DEFAULT = {
     "vision_encoder": "static INT8 measured no faster than FP32 for this encoder (see STATIC_INT8_OPS)",
+    "vq_encoder": "INT8 changes most image codes (see STATIC_INT8_OPS)",
+    "vq_decoder": "it runs once per image, after the decoder steps that write it; INT8 would halve that one call "
+                  "at about 33 dB PSNR (see STATIC_INT8_OPS)",
 }
 # Default --max-rel-error per precision: the worst output's mean relative error on
 # calibration samples above which nodes are kept in float.

@@ -191,7 +191,8 @@ class VQDecoderSpec(ExportSpec):
 
     role = "vq_decoder"
     names = {"codes": "codes", "pixels": "pixels"}
-    precisions = ("fp32", "fp16")
+    # int8: static QDQ on Conv, on request only (calibration/quantize.py: STATIC_INT8_OPS).
+    precisions = ("fp32", "fp16", "int8")
     io = ("codes", "pixels")
 
     def dynamic_axes(self):

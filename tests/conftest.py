@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_models import make_llm_folder
+from tiny_models import make_emu3_bundle, make_llm_folder
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +18,10 @@ def llm_folders(tmp_path_factory):
         return made[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def emu3_bundle(tmp_path_factory):
+    """export-hf of a tiny "f2" Emu3 folder; image_area 36: the default image is 6x6 pixels
+    (3x3 codes of the f2 VQ)."""
+    return make_emu3_bundle(tmp_path_factory.mktemp("emu3"), "f2", image_area=36)

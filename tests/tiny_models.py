@@ -138,16 +138,16 @@ VQ_PRESETS: dict[str, dict] = {
 }
 
 
-def build_vq(preset: str, seed: int = 0):
-    """A random Emu3VQVAE (num_res_blocks 1), eval mode. Norm affines and BatchNorm3d
-    statistics are random too (defaults of ones and zeros would hide a dropped or misplaced
-    norm), and the codebook is drawn at the scale of the encoder's outputs, so codes are
-    spread over it rather than decided by float32 near-ties."""
+def build_vq(preset: str, seed: int = 0, **config):
+    """A random Emu3VQVAE (num_res_blocks 1; `config` overrides the preset's settings), eval
+    mode. Norm affines and BatchNorm3d statistics are random too (defaults of ones and zeros
+    would hide a dropped or misplaced norm), and the codebook is drawn at the scale of the
+    encoder's outputs, so codes are spread over it rather than decided by float32 near-ties."""
     import torch
     from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
     torch.manual_seed(seed)
-    model = Emu3VQVAE(Emu3VQVAEConfig(num_res_blocks=1, **VQ_PRESETS[preset])).eval()
+    model = Emu3VQVAE(Emu3VQVAEConfig(**{"num_res_blocks": 1, **VQ_PRESETS[preset], **config})).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.GroupNorm, torch.nn.BatchNorm3d)):

@@ -17,6 +17,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 
+class UnsupportedRequest(ValueError):
+    """A request this family cannot serve at all (an emu3 bundle asked to edit an image),
+    whatever its settings: a caller running many requests may skip it and go on."""
+
+
 def family_class(name: str):
     if name not in FAMILIES:
         raise ValueError(f"this runtime has no family {name!r} (it runs {', '.join(FAMILIES)}); upgrade emu-edge")

@@ -25,10 +25,10 @@ from PIL import Image
 
 from emu_edge.runtime import text
 from emu_edge.runtime.decoder import ContextTooLongError, DecoderError, available_memory_bytes
-from emu_edge.runtime.families import split_by
+from emu_edge.runtime.families import UnsupportedRequest, split_by
 from emu_edge.runtime.images import load_image
 from emu_edge.runtime.prompt import SYSTEM_SLOT
-from emu_edge.runtime.sampling import Sampler, SamplingConfig, seed_groups
+from emu_edge.runtime.sampling import Sampler, SamplingConfig, apply_allowed, seed_groups
 
 
 @dataclass(frozen=True)
@@ -392,15 +392,65 @@ class Emu3:
         """The generated image tokens [B, rows * (cols + 1) + 1]: rows of visual ids each
         ending in EOL, then EOF (EOI follows implicitly; transformers generates it). seed:
         one for the batch, or [(seed, rows), ...] (sampling.seed_groups)."""
-        if isinstance(prompts, str) or not prompts:
-            raise ValueError("prompts is a non-empty list of strings")
+        self._check_prompts(prompts)
         groups = seed_groups(seed, len(prompts))   # a request's rows draw what they draw alone
         rows, cols = self.image_codes_size(height, width)
         chosen = self.image_defaults(guidance, top_k, top_p, temperature)
         sampler = Sampler(SamplingConfig(do_sample=chosen["do_sample"], top_k=chosen["top_k"] if chosen["do_sample"]
                                          else 0, top_p=chosen["top_p"], temperature=chosen["temperature"]),
                           groups=groups)
-        prompt_rows = self._prompt_rows(prompts, rows, cols, chosen["guidance"], negative_prompt)
+        histories: list[list[int]] = [self.image_prompt(p, rows, cols) for p in prompts]
+
+        def choose(pos: int, scores: np.ndarray) -> np.ndarray:
+            return text.sample(sampler, scores, histories, [], self._visual_mask)
+
+        def fed(pos: int, tokens: np.ndarray) -> None:
+            for b in range(len(prompts)):
+                histories[b].append(int(tokens[b]))
+            if progress is not None:
+                progress(pos + 1, rows * (cols + 1) + 1)
+
+        return self._image_loop(prompts, rows, cols, chosen["guidance"], negative_prompt, choose, fed)
+
+    def image_top1(self, prompts: list[str], ids: np.ndarray, height: int | None = None, width: int | None = None,
+                   guidance: float | None = None, negative_prompt: str | None = None) -> np.ndarray:
+        """Teacher forced: the given image tokens (image_ids' [B, rows * (cols + 1) + 1])
+        fed back as image_ids feeds its own, and the most likely id at each position under
+        the same guidance and allowed-token mask, [B, same]; where only one id is allowed
+        (EOL, EOF), that id. How far another bundle's choices follow these tokens."""
+        self._check_prompts(prompts)
+        rows, cols = self.image_codes_size(height, width)
+        ids = np.asarray(ids, np.int64)
+        total = rows * (cols + 1) + 1
+        if ids.shape != (len(prompts), total):
+            raise ValueError(f"ids of {len(prompts)} {rows}x{cols}-code images have shape {[len(prompts), total]}, "
+                             f"got {list(ids.shape)}")
+        top1 = ids.copy()   # where one id is allowed, it stays
+
+        def choose(pos: int, scores: np.ndarray) -> np.ndarray:
+            top1[:, pos] = apply_allowed(scores, self._visual_mask).argmax(axis=-1)
+            return ids[:, pos]
+
+        def fed(pos: int, tokens: np.ndarray) -> None:
+            if not np.array_equal(tokens, ids[:, pos]):
+                raise ValueError(f"ids[:, {pos}] must be {int(tokens[0])}, the row end or image end that a "
+                                 f"{rows}x{cols}-code image has there: pass image_ids' tokens of the same size")
+
+        guidance = self.image_defaults(guidance, None, None, None)["guidance"]
+        self._image_loop(prompts, rows, cols, guidance, negative_prompt, choose, fed)
+        return top1
+
+    def _check_prompts(self, prompts) -> None:
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts is a non-empty list of strings")
+
+    def _image_loop(self, prompts: list[str], rows: int, cols: int, guidance: float, negative_prompt: str | None,
+                    choose: Callable[[int, np.ndarray], np.ndarray],
+                    fed: Callable[[int, np.ndarray], None]) -> np.ndarray:
+        """The image-token loop: at each position, the id forced there (EOL, EOF) or
+        choose(pos, scores) on the guided logits of the n prompts [n, V]; fed(pos, tokens)
+        sees what was chosen before it is fed back. -> the tokens [n, rows * (cols + 1) + 1]."""
+        prompt_rows = self._prompt_rows(prompts, rows, cols, guidance, negative_prompt)
         memory = self._memory(prompt_rows, rows, cols)
         memory.check()
         cond = prompt_rows[: len(prompts)]
@@ -408,7 +458,6 @@ class Emu3:
         n = len(cond)
         total = rows * (cols + 1) + 1
         out_ids = np.empty((n, total), np.int64)
-        histories: list[list[int]] = [list(r) for r in cond]
         s = self.spec
         # A session as long as this image needs, not the bundle's max_length (room for its
         # largest image): smaller images take a cache of their own size.
@@ -429,13 +478,10 @@ class Emu3:
                 else:
                     scores = out.logits[:n]
                     if guided:
-                        scores = cfg_mix(scores, out.logits[n:], chosen["guidance"])
-                    tokens = text.sample(sampler, scores, histories, [], self._visual_mask)
+                        scores = cfg_mix(scores, out.logits[n:], guidance)
+                    tokens = choose(pos, scores)
                 out_ids[:, pos] = tokens
-                for b in range(n):
-                    histories[b].append(int(tokens[b]))
-                if progress is not None:
-                    progress(pos + 1, total)
+                fed(pos, tokens)
                 if pos == total - 1:
                     break
                 # The unconditional rows follow the same image: they are fed the chosen token.
@@ -466,8 +512,7 @@ class Emu3:
                      guidance: float | None = None, negative_prompt: str | None = None) -> ImageMemory:
         """What image_ids with these arguments allocates for its KV cache (nothing is
         allocated here); raises as image_ids would when the image cannot fit the context."""
-        if isinstance(prompts, str) or not prompts:
-            raise ValueError("prompts is a non-empty list of strings")
+        self._check_prompts(prompts)
         rows, cols = self.image_codes_size(height, width)
         chosen = self.image_defaults(guidance, None, None, None)
         return self._memory(self._prompt_rows(prompts, rows, cols, chosen["guidance"], negative_prompt), rows, cols)
@@ -491,7 +536,7 @@ class Emu3:
         """Several image_request calls of the same settings in one batch: requests are
         (prompt, images, n, seed); each gets the images it gets alone."""
         if any(images for _, images, _, _ in requests):
-            raise ValueError("emu3 bundles draw from a text prompt only; they do not edit images")
+            raise UnsupportedRequest("emu3 bundles draw from a text prompt only; they do not edit images")
         if steps is not None:
             raise ValueError("emu3 bundles write images token by token: there are no denoising steps")
         flat = self.generate_image_batch([prompt for prompt, _, n, _ in requests for _ in range(n)], height, width,

@@ -10,13 +10,6 @@ import pytest
 from PIL import Image
 
 from emu_edge.cli import main
-from tiny_models import make_emu3_bundle
-
-
-@pytest.fixture(scope="module")
-def emu3_bundle(tmp_path_factory):
-    # image_area 36: the default image is 6x6 pixels (3x3 codes of the f2 VQ)
-    return make_emu3_bundle(tmp_path_factory.mktemp("cli_emu3"), "f2", image_area=36)
 
 
 def _image(tmp_path, size=(12, 10)):

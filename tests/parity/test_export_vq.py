@@ -88,7 +88,7 @@ def test_bundle_entries(exported, tmp_path):
             writer.add_graph(role, model, spec)
         enc, dec = writer.graphs["vq_encoder"], writer.graphs["vq_decoder"]
         assert (enc.role, enc.names, enc.precisions) == ("vq_encoder", VQEncoderSpec.names, ["fp32", "fp16"])
-        assert (dec.role, dec.names, dec.precisions) == ("vq_decoder", VQDecoderSpec.names, ["fp32", "fp16"])
+        assert (dec.role, dec.names, dec.precisions) == ("vq_decoder", VQDecoderSpec.names, ["fp32", "fp16", "int8"])
         assert [(i.name, i.dtype, i.shape) for i in enc.outputs] == [("codes", "int64", ["batch", "code_height",
                                                                                          "code_width"])]
         assert [(i.name, i.dtype) for i in dec.inputs] == [("codes", "int64")]
