@@ -14,12 +14,12 @@ Four exports:
 - a tiny folder (tests/tiny_models.py): the fixed cost (Python, torch, transformers, onnx);
 - the 1B folder: Emu3's vocabulary of 184,622 ids at half Emu3-8B's width, 6 layers, so
   its largest tensors (the embedding table and lm_head, 1.5 GB each at float32) have the
-  proportions of the real ones; a tiny VQ-VAE. As a user runs it: the embed graph is
-  under the 2 GB external data threshold, so it is saved as one file, which protobuf's
-  serializer holds about three times over and onnx's checker twice;
+  proportions of the real ones; a tiny VQ-VAE. As a user runs it: the decoder (with the
+  embedding table inside it, 4.2 GB) is over the 2 GB external data threshold, so its
+  tensors stay in its data file as they were written;
 - the same folder with the writer's threshold at 0 (set in-process): every graph's large
-  tensors in external data, as both big graphs of an 8B export are (3 GB and 31 GB), so
-  what is held at once is the fixed cost and one tensor, `k` times its float32 size;
+  tensors in external data, as an 8B export's decoder (34 GB) is, so what is held at once
+  is the fixed cost and one tensor, `k` times its float32 size;
 - a tiny text model with Emu3's own VQ-VAE (transformers' defaults): tracing the VQ graphs.
 
     8B peak ~ max(fixed + VQ-VAE at float32 + k * largest tensor at float32,
@@ -131,7 +131,7 @@ def measure(cmd: list[str], folder: Path, out: Path) -> dict:
 
 def export_all_external(argv: list[str]) -> int:
     """`emu-edge export-hf ARGS` with external_data_threshold 0: every graph's large tensors
-    go to its data file, as an 8B export's decoder and embed do."""
+    go to its data file, as an 8B export's decoder does."""
     import functools
 
     from emu_edge.cli import main
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     print(f"Emu3's VQ-VAE ({vq_bytes / 4e6:.0f}M parameters), tiny text model: peak RSS "
           f"{_gb(vq_run['peak_rss_bytes'])}, {vq_run['wall_s']:.0f} s")
     print(f"\nEmu3-8B ({large['total'] / 1e9:.2f}B text parameters, largest tensor {large['largest'] / 1e6:.0f}M, "
-          f"decoder {_gb(figures['decoder_8b_fp32_bytes'])} at float32; embed and decoder both over 2 GB):")
+          f"decoder {_gb(figures['decoder_8b_fp32_bytes'])} at float32, over 2 GB):")
     print(f"  building the decoder: fixed {_gb(fixed['peak_rss_bytes'])} + VQ-VAE at float32 {_gb(vq_bytes)} + "
           f"{k:.2f} x largest tensor at float32 {_gb(4 * large['largest'])} = {_gb(decoder_phase)}")
     print(f"  tracing the VQ graphs: {_gb(vq_run['peak_rss_bytes'])} (measured above)")
