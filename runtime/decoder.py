@@ -276,12 +276,20 @@ class DecoderSession:
         """Run the graph on S new positions per row; counts: real tokens per row ([B] or one
         int). bound: "text" / "image" when `ids` is that kind's host array, bound once."""
         lengths = self.cache.lengths
-        totals = lengths + counts
-        # A Python int: a decode step is short enough that each numpy reduction shows.
-        longest = int(totals.max())
-        if longest > self.max_length:
-            self._check_room(totals)
-        np.subtract(totals, 1, out=self._seqlens_k, casting="unsafe")
+        if bound is not None:
+            # One more token in every row: the longest row is known without a reduction, and
+            # seqlens_k (tokens after the call - 1) is the lengths before it. A decode step is
+            # short enough that each numpy call shows.
+            totals, longest = None, self._longest + 1
+            if longest > self.max_length:
+                self._check_room(lengths + 1)
+            self._seqlens_k[:] = lengths
+        else:
+            totals = lengths + counts
+            longest = int(totals.max())
+            if longest > self.max_length:
+                self._check_room(totals)
+            np.subtract(totals, 1, out=self._seqlens_k, casting="unsafe")
         self._total[()] = longest
         if bound is not None and self._host:
             if self._bound != bound:
@@ -300,7 +308,10 @@ class DecoderSession:
                 self.binding.bind_cpu_input(self._names["seqlens_k"], self._seqlens_k)
                 self.binding.bind_cpu_input(self._names["total_sequence_length"], self._total)
         self.backend.run_bound(self.binding)
-        lengths[:] = totals
+        if totals is None:
+            lengths += 1
+        else:
+            lengths[:] = totals
         self._longest = longest
         # Copies: the bound outputs are overwritten by the next call.
         if self._host:
