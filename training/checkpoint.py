@@ -35,7 +35,7 @@ COMPONENTS = {"llm": ("transformers", "LlamaForCausalLM"), "vision": ("transform
 LATEST = "latest.json"
 # Everything a run writes into its folder; `train --overwrite` removes these and nothing else.
 RUN_FILES = (EMU_JSON, *COMPONENTS, "projections.safetensors", "tokenizer.json", "judge.onnx", "steps",
-             "metrics.jsonl", "train_config.json", "loss.png")
+             "metrics.jsonl", "train_config.json", "loss.png", "vq")
 _STEP_NAME = re.compile(r"(\d+)-(\d+)")
 
 
