@@ -1,5 +1,5 @@
 """emu3's stage 0 on the tiny preset: the VQ-VAE trains, saves a folder transformers loads,
-and resumes to the uninterrupted run's weights."""
+resumes to the uninterrupted run's weights, and its reconstructions are scored."""
 
 from __future__ import annotations
 
@@ -121,6 +121,17 @@ def test_codes_follow_their_averages_and_dead_ones_restart_at_encoder_outputs():
     assert book.last_used.tolist() == [2, 2, 2, 2] and book.cluster_size[2:].tolist() == [1.0, 1.0]
 
 
+def test_eval_scores_the_reconstructions(tiny_vq, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_vq), "--family", "emu3", "--scale", "0.02", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    for key in ("reconstruction_accuracy", "judge_accuracy", "reconstruction_similarity"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["psnr"] > 0 and 1 <= metrics["perplexity"] <= metrics["codes_used"]
+    assert metrics["codes_used"] + metrics["dead_codes"] == VQ_PRESETS["tiny"].codebook_size
+    assert metrics["samples"] == {"objects": 4, "digits": 4, "scenes": 4}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--stages", "0,1"], "one stage so far"),
     (["--mix", "vqa=1"], "--mix is for the emu2 stages"),
@@ -131,6 +142,13 @@ def test_bad_emu3_training_requests_are_refused(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["train", "--family", "emu3", "--out", str(tmp_path / "run"), *argv])
     assert message in str(e.value)
+
+
+def test_eval_without_a_vq_folder_says_what_is_missing(tmp_path):
+    (tmp_path / "judge.onnx").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(tmp_path), "--family", "emu3"])
+    assert "vq/config.json" in str(e.value) and "--resume" in str(e.value)
 
 
 def test_emu2_run_is_not_resumed_as_emu3(tmp_path):
