@@ -35,7 +35,7 @@ COMPONENTS = {"llm": ("transformers", "LlamaForCausalLM"), "vision": ("transform
 LATEST = "latest.json"
 # Everything a run writes into its folder; `train --overwrite` removes these and nothing else.
 RUN_FILES = (EMU_JSON, *COMPONENTS, "projections.safetensors", "tokenizer.json", "judge.onnx", "steps",
-             "metrics.jsonl", "train_config.json", "loss.png")
+             "metrics.jsonl", "train_config.json", "loss.png", "vq")
 _STEP_NAME = re.compile(r"(\d+)-(\d+)")
 
 
@@ -53,7 +53,7 @@ def clear_run(out: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.with_name(dst.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -107,7 +107,7 @@ def save_checkpoint(model, tokenizer, cfg: EmuConfig, out: str | Path, dtype=tor
     for name in (*COMPONENTS, "projections.safetensors", "tokenizer.json", EMU_JSON):
         src, dst = tmp / name, out / name
         if src.is_dir():
-            _replace_dir(src, dst)
+            replace_dir(src, dst)
         else:
             os.replace(src, dst)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -6,10 +6,14 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", choices=("emu2", "emu3"), default="emu2",
+                        help="emu2 (continuous visual embeddings, U-Net) or emu3 (VQ codes; so far its stage 0, "
+                             "the VQ-VAE)")
     parser.add_argument("--preset", default="small", help="tiny (tests) or small (the shipped default)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write (and to resume from)")
     parser.add_argument("--steps", type=int, help="optimizer steps per stage (default: the preset's)")
-    parser.add_argument("--stages", default="0,1,2,3,4,5", help="comma-separated stages to run, in order")
+    parser.add_argument("--stages", help="comma-separated stages to run, in order (default: all of the family's: "
+                                         "emu2 0,1,2,3,4,5; emu3 0)")
     parser.add_argument("--lr", type=float, help="peak learning rate of every stage run (default: the preset's, per stage)")
     parser.add_argument("--mix", metavar="TASK=W,...",
                         help="task weights replacing the stage's own mixture, e.g. vqa=0.6,chat=0.4 (one stage only; "
@@ -51,11 +55,13 @@ def run(args: argparse.Namespace) -> int:
     from emu_edge.training.config import get_preset
     from emu_edge.training.train import STAGES, train
 
+    if args.family == "emu3":
+        return run_emu3(args)
     try:
         cfg = get_preset(args.preset)
     except ValueError as e:
         raise SystemExit(f"emu-edge train: {e}")
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in (args.stages or ",".join(STAGES)).split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise SystemExit(f"emu-edge train: unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
@@ -86,4 +92,40 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         raise SystemExit(f"emu-edge train: {e}")
     print(f"checkpoint written to {out}")
+    return 0
+
+
+def run_emu3(args: argparse.Namespace) -> int:
+    """emu3's stages: so far stage 0, the VQ-VAE."""
+    from emu_edge.training.checkpoint import CheckpointError
+    from emu_edge.training.config import get_vq_preset
+    from emu_edge.training.train_vq import STAGE, train_vq
+
+    if args.stages is not None and [s.strip() for s in args.stages.split(",") if s.strip()] != [STAGE]:
+        raise SystemExit(f"emu-edge train: emu3 has one stage so far, {STAGE} (the VQ-VAE); pass --stages {STAGE} "
+                         "or leave --stages out")
+    for flag, value in (("--mix", args.mix), ("--init-from", args.init_from)):
+        if value is not None:
+            raise SystemExit(f"emu-edge train: {flag} is for the emu2 stages; the VQ-VAE stage trains on its "
+                             "preset's images from fresh weights")
+    try:
+        cfg = get_vq_preset(args.preset)
+    except ValueError as e:
+        raise SystemExit(f"emu-edge train: {e}")
+    for flag, value, name in (("--steps", args.steps, "steps"), ("--batch-size", args.batch_size, "batch_size")):
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"emu-edge train: {flag} must be >= 1")
+            setattr(cfg, name, value)
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise SystemExit("emu-edge train: --lr must be > 0")
+        cfg.lr = args.lr
+    if args.seed is not None:
+        cfg.seed = args.seed
+    try:
+        out = train_vq(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except CheckpointError as e:
+        raise SystemExit(f"emu-edge train: {e}")
+    print(f"VQ-VAE written to {out / 'vq'}")
     return 0

@@ -173,7 +173,9 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder (emu.json, llm/, vision/, unet/, ...)")
+    parser.add_argument("checkpoint", help="checkpoint folder (emu.json, llm/, vision/, unet/, ...; emu3: vq/)")
+    parser.add_argument("--family", choices=("emu2", "emu3"), default="emu2",
+                        help="the checkpoint's family; emu3 so far scores its VQ-VAE's reconstructions")
     parser.add_argument("--json", help="write the metrics to this file")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default test-set sizes")
     parser.add_argument("--split", choices=("test", "val"), default="test",
@@ -186,14 +188,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.family == "emu3":
+        return run_emu3(args)
     try:
         metrics = evaluate(args.checkpoint, scale=args.scale, log=lambda *a: print(*a, file=sys.stderr),
                            steps=args.steps, guidance=args.guidance, split=args.split,
                            only=args.only.split(",") if args.only else None)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"emu-edge eval: {e}")
+    return _write(metrics, args.json)
+
+
+def run_emu3(args: argparse.Namespace) -> int:
+    from emu_edge.training.evaluate_vq import evaluate_vq
+
+    given = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--only", args.only))
+             if value is not None]
+    if given:
+        raise SystemExit(f"emu-edge eval: {', '.join(given)}: for emu2 checkpoints; an emu3 VQ-VAE is scored on "
+                         "its reconstructions only, leave them out")
+    try:
+        metrics = evaluate_vq(args.checkpoint, split=args.split, scale=args.scale,
+                              log=lambda *a: print(*a, file=sys.stderr))
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"emu-edge eval: {e}")
+    return _write(metrics, args.json)
+
+
+def _write(metrics: dict, path: str | None) -> int:
     text = json.dumps(metrics, indent=2) + "\n"
-    if args.json:
-        Path(args.json).write_text(text)
+    if path:
+        Path(path).write_text(text)
     print(text, end="")
     return 0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emu_edge import data
-from emu_edge.training.config import EmuConfig
+from emu_edge.training.config import EmuConfig, VQConfig
 
 
 class JudgeNet(nn.Module):
@@ -74,8 +74,10 @@ def judge_accuracy(net: JudgeNet, x, c, s, d) -> float:
     return float(torch.where(obj, ok_obj, ok_dig).float().mean())
 
 
-def train_judge(cfg: EmuConfig, out: str | Path, steps: int | None = None, seed: int = 0, log=print) -> float:
-    """Train on train-split renders, report accuracy on the val split, export to ONNX."""
+def train_judge(cfg: EmuConfig | VQConfig, out: str | Path, steps: int | None = None, seed: int = 0,
+                log=print) -> float:
+    """Train on train-split renders at the model's image size, report accuracy on the val split,
+    export to ONNX."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = JudgeNet(len(data.COLOURS), len(data.SHAPES))

@@ -266,7 +266,7 @@ def _check_same_model(cfg: EmuConfig, theirs: EmuConfig, path: Path) -> None:
 _STREAM_FIELDS = ("seed", "batch_size", "mixes")
 
 
-def _check_same_stream(cfg: EmuConfig, out: Path) -> None:
+def check_same_stream(cfg: EmuConfig, out: Path) -> None:
     saved = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").is_file() else {}
     mine = cfg.to_dict()
     differ = [k for k in _STREAM_FIELDS if k in saved and saved[k] != mine[k]]
@@ -275,7 +275,7 @@ def _check_same_stream(cfg: EmuConfig, out: Path) -> None:
             f"{k}={saved[k]} (now {mine[k]})" for k in differ) + "; pass the same --seed, --batch-size and --mix")
 
 
-def _claim(out: Path, resume: bool, overwrite: bool, init_from, rank: int, world: int, log) -> None:
+def claim(out: Path, resume: bool, overwrite: bool, init_from, rank: int, world: int, log) -> None:
     """Refuse to start a new run over an old one: its metrics would mix with the new ones and
     its step folders would outlive (and be resumed instead of) the new run's."""
     if resume and overwrite:
@@ -315,7 +315,7 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
     log = print if rank == 0 else (lambda *a, **k: None)
     if resume and init_from is not None:
         raise ckpt.CheckpointError("--resume continues the run's own steps; drop --init-from")
-    _claim(out, resume, overwrite, init_from, rank, world, log)
+    claim(out, resume, overwrite, init_from, rank, world, log)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = prepare(cfg, out, resume, log, Path(init_from) if init_from is not None else None)
     if rank == 0 and not resume:
@@ -327,7 +327,7 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
     start_stage, start_step = stages[0], 0
     resume_folder = ckpt.latest_step(out) if resume else None
     if resume_folder is not None:
-        _check_same_stream(cfg, out)
+        check_same_stream(cfg, out)
         state = json.loads((resume_folder / "state.json").read_text())
         start_stage, start_step = state["stage"], state["step"]
         init_from = state.get("init_from")
@@ -366,7 +366,8 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
         runner = loss_module
         if world > 1:
             runner = nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=True)
-        bar = _bar(range(first, total), f"stage {stage_id} ({stage.name})", progress and rank == 0, first, total)
+        bar = progress_bar(range(first, total), f"stage {stage_id} ({stage.name})", progress and rank == 0, first,
+                           total)
         for step in bar:
             lr = lr_at(step, total, cfg.lr[stage_id], cfg.warmup)
             for group in optimizer.param_groups:
@@ -433,7 +434,7 @@ def _finish(model, tokenizer, cfg, out, rank, judge, init_from=None) -> Path:
     return out
 
 
-def _bar(iterable, desc, enabled, first, total):
+def progress_bar(iterable, desc, enabled, first, total):
     if not enabled:
         return iterable
     from tqdm import tqdm
