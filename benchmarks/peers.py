@@ -86,21 +86,29 @@ def export_bundle(checkpoint: Path, work: Path) -> Path:
 
 
 def _emu_edge(*args: str) -> None:
-    cmd = [sys.executable, "-m", "emu_edge.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"emu-edge {' '.join(args)} failed (exit {result.returncode}):\n"
-                           f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
+    """`emu-edge ARGS` through the CLI's own entry, in this process: a subprocess would spend
+    seconds importing again what this one has (torch, onnxruntime), which in the smoke pass
+    cost more than the work. Its output is kept for the error."""
+    import contextlib
+    import io
+
+    from emu_edge.cli import main
+
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            code = main(list(args))
+    except (Exception, SystemExit) as e:   # as a subprocess's crash or usage error would be: a failure
+        code = f"{type(e).__name__}: {e}"
+    if code:
+        raise RuntimeError(f"emu-edge {' '.join(args)} failed ({code}):\n{output.getvalue()[-3000:]}")
 
 
 def export_hf_bundle(folder: Path, work: Path) -> Path:
-    """`emu-edge export-hf FOLDER` (fp32), once per folder; in this process, which has
-    imported torch already (a subprocess would spend seconds importing it again)."""
-    from emu_edge.cli import main
-
+    """`emu-edge export-hf FOLDER` (fp32), once per folder."""
     out = work / "bundle-fp32"
-    if not (out / "manifest.json").is_file() and main(["export-hf", str(folder), "--out", str(out), "--overwrite"]):
-        raise RuntimeError(f"emu-edge export-hf {folder} failed (its error is printed above)")
+    if not (out / "manifest.json").is_file():
+        _emu_edge("export-hf", str(folder), "--out", str(out), "--overwrite")
     return out
 
 
