@@ -92,26 +92,22 @@ def _token_part(label: str, timing: Timing, peer: peers.ImagePeer, tokens: int) 
     return Timing(label, [t - p for t, p in zip(timing.seconds, peer.pixel_seconds)], work=tokens)
 
 
-def _peak_rss(workspace, settings, name: str, spec: dict, max_length: int) -> dict:
-    """Each image peer with guidance, in a fresh process (benchmarks/peak_rss.py).
-    transformers' only in full runs: its process spends seconds importing torch, which the
-    smoke pass cannot afford."""
-    found = {}
-    for precision in PRECISIONS:
-        found[_label(f"emu-edge {precision}", True)] = peak_rss.measure(dict(
-            spec, peer="ours", bundle=str(workspace.bundle(name, precision)), max_length=max_length))
-    if not settings.smoke:
-        found[_label("transformers eager fp32", True)] = peak_rss.measure(dict(
-            spec, peer="transformers", folder=str(workspace.checkpoint(name))))
-    return found
+def _peak_rss(workspace, name: str, spec: dict, max_length: int) -> dict:
+    """Each of our image peers with guidance, in a fresh process (benchmarks/peak_rss.py)."""
+    return {_label(f"emu-edge {precision}", True): peak_rss.measure(dict(
+        spec, peer="ours", bundle=str(workspace.bundle(name, precision)), max_length=max_length))
+        for precision in PRECISIONS}
 
 
 @pytest.mark.smoke
 def test_emu3_image_side_by_side(benchmark, workspace, settings, results):
     name, n, rounds = settings.emu3, settings.emu3_codes, settings.emu3_rounds
-    workspace.work(name)   # the folder and its cache key, before a second thread needs them
-    with ThreadPoolExecutor(1) as pool:
-        # onnxruntime-genai's builder (two processes) runs while the bundles are made here.
+    folder = workspace.checkpoint(name)
+    workspace.work(name)   # the folder's cache key, before a second thread needs it
+    # What is not timed runs side by side, the slow part being processes that import torch:
+    # onnxruntime-genai's builder, and transformers' image for its peak RSS, while the
+    # bundles are made here. All of it is over before the rounds start.
+    with ThreadPoolExecutor(2) as pool:
         built = pool.submit(_build_genai, workspace, name)
         # The prompt ids come from the runtime's own image prompt (what Emu3Processor writes
         # for image generation), and every peer is given the same ids.
@@ -122,8 +118,12 @@ def test_emu3_image_side_by_side(benchmark, workspace, settings, results):
         # Caches as long as one image needs (the last token is never fed back), as
         # onnxruntime-genai's max_length is the prompt and the new tokens.
         max_length = max(len(prompt_ids), len(negative_ids)) + tokens - 1
+        spec = dict(threads=settings.threads, prompt=peers.PROMPT, negative=NEGATIVE, height=n * f, width=n * f,
+                    guidance=GUIDANCE, prompt_ids=prompt_ids, negative_ids=negative_ids, rows=n, cols=n)
+        torch_rss = pool.submit(peak_rss.measure, dict(spec, peer="transformers", folder=str(folder)))
         makers = _image_peers(workspace, name, prompt_ids, negative_ids, max_length)
         built.result()
+        torch_rss = torch_rss.result()
     for make in makers.values():
         make(WARM_CODES)()
     images = {label: make(n) for label, make in makers.items()}
@@ -132,10 +132,8 @@ def test_emu3_image_side_by_side(benchmark, workspace, settings, results):
     timings = interleave(benchmark, {**images, **genai}, rounds, warmup=0,
                          work={**{label: 1 for label in images}, **{label: tokens for label in genai}})
 
-    spec = dict(threads=settings.threads, prompt=peers.PROMPT, negative=NEGATIVE, height=n * f, width=n * f,
-                guidance=GUIDANCE, prompt_ids=prompt_ids, negative_ids=negative_ids, rows=n, cols=n)
-    extra = {"checkpoint": str(workspace.checkpoint(name)), "tokens": tokens, **_figures(images, timings, tokens),
-             "peak_rss_mb": _peak_rss(workspace, settings, name, spec, max_length),
+    rss = {**_peak_rss(workspace, name, spec, max_length), _label("transformers eager fp32", True): torch_rss}
+    extra = {"checkpoint": str(folder), "tokens": tokens, **_figures(images, timings, tokens), "peak_rss_mb": rss,
              "note": f"{n}x{n} codes ({n * f}x{n * f} pixels), prompt {peers.PROMPT!r}, negative prompt {NEGATIVE!r}, "
                      f"greedy; warm-up: one {WARM_CODES}x{WARM_CODES}-code image per peer; peak RSS: each peer "
                      "with guidance in a fresh process that loads it and makes one image (VmHWM; also its RSS once "

@@ -36,6 +36,7 @@ def test_side_by_side_smoke_pass(tmp_path):
     figures = results["comparisons"][image]
     assert all(0 < share < 1 for share in figures["vq_decode_share"].values())
     assert all(rate > 0 for rate in figures["tokens_per_s"].values()) and len(figures["cfg_cost"]) == 4
+    assert len(figures["peak_rss_mb"]) == 4   # each peer with guidance
     assert all(0 < m["rss_after_load_mb"] <= m["peak_rss_mb"] for m in figures["peak_rss_mb"].values())
     tokens = next(v for k, v in peers.items() if k.startswith("emu3 image tokens"))
     assert {"onnxruntime-genai fp32", "onnxruntime-genai int4", "emu-edge fp32 image tokens, no CFG",
