@@ -72,7 +72,7 @@ class Settings:
         self.emu3_rounds = config.getoption("--rounds") or (2 if self.smoke else 3)
 
     def describe(self) -> dict:
-        return {"smoke": self.smoke, "rounds": self.rounds, "threads": self.threads,
+        return {"smoke": self.smoke, "rounds": self.rounds, "emu3_rounds": self.emu3_rounds, "threads": self.threads,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens}
 
@@ -239,7 +239,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     pngs = plot_all(results, s.out)
     tr = terminalreporter
     tr.section("emu-edge side by side")
-    tr.write_line(f"threads {s.threads}, {s.rounds} interleaved rounds per comparison; medians, (min, max) and ratios")
+    tr.write_line(f"threads {s.threads}, {s.rounds} interleaved rounds per comparison ({s.emu3_rounds} for Emu3 "
+                  "images); medians, (min, max) and ratios")
     for line in results.format().splitlines():
         tr.write_line(line)
     tr.write_line(f"wrote {json_path}")

@@ -16,8 +16,17 @@ from typing import Callable
 import numpy as np
 
 
-# Per-peer figures a comparison may carry beside its timings (printed and reported as given).
-FIGURES = ("tokens_per_s", "vq_decode_share", "cfg_cost", "peak_rss_mb")
+# Per-peer figures a comparison may carry beside its timings: key -> what they are.
+FIGURES = {"tokens_per_s": "tokens/s", "vq_decode_share": "VQ decode's share of the time",
+           "cfg_cost": "time with guidance / without", "peak_rss_mb": "peak RSS (MB)"}
+
+
+def figure_text(c: dict, key: str) -> str:
+    """One line of a comparison's per-peer figures: "what: peer value; peer value"."""
+    def value(v) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+
+    return f"{FIGURES[key]}: " + "; ".join(f"{peer} {value(v)}" for peer, v in c[key].items())
 
 
 @dataclass
@@ -154,9 +163,11 @@ class Results:
                     ratio = f"  {subject} is {c['ratios'][peer]:.2f}x"
                 lines.append(f"  {peer:<34} median {s['median_s'] * 1e3:9.2f} ms  (min {s['min_s'] * 1e3:.2f}, max "
                              f"{s['max_s'] * 1e3:.2f}, {s['rounds']} rounds)  {rate}{ratio}")
-            for key in ("agreement", *FIGURES, "note"):
-                if key in c:
-                    lines.append(f"  {key}: {c[key]}")
+            if "agreement" in c:
+                lines.append(f"  agreement: {c['agreement']}")
+            lines += [f"  {figure_text(c, key)}" for key in FIGURES if key in c]
+            if "note" in c:
+                lines.append(f"  note: {c['note']}")
         for name, curve in self.curves.items():
             lines.append(f"{name} ({curve['y']} by {curve['x']})")
             for label, points in curve["series"].items():

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     peer = _peer(spec)
     loaded = _rss_mb("VmRSS")
     peer()
-    print(json.dumps({"rss_after_load_mb": round(loaded, 1), "peak_rss_mb": round(_rss_mb("VmHWM"), 1)}))
+    print(json.dumps({"after_load": round(loaded, 1), "peak": round(_rss_mb("VmHWM"), 1)}))
     return 0
 
 

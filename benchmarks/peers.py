@@ -5,6 +5,8 @@
     Emu2 reference     regression by re-running the whole decoder over the whole sequence
                        for every visual embedding, no KV cache (how Emu2's released code does it)
     onnxruntime-genai  its model builder run on the checkpoint's llm/ folder (fp32, int4)
+    Emu3 images        transformers `generate` with its row constraint and CFG, then its VQ
+                       decode; ours through Pipeline.image_ids and decode_image_ids (ImagePeer)
 
 Every peer is a zero-argument callable doing one unit of work (a generation, a
 regression, a denoising loop), so the harness can interleave them.

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .harness import FIGURES
+from .harness import FIGURES, figure_text
 
 
 def _rate(peer: dict, unit: str) -> str:
@@ -39,8 +39,7 @@ def markdown(results: dict) -> str:
             lines += ["", f"Accuracy: {_agreement(c['agreement'])}"]
         for key in FIGURES:
             if key in c:
-                lines += ["", f"{key.replace('_', ' ').capitalize()}: "
-                          + "; ".join(f"{peer}: {value}" for peer, value in c[key].items())]
+                lines += ["", figure_text(c, key)]
         if "note" in c:
             lines += ["", f"Note: {c['note']}"]
         lines.append("")

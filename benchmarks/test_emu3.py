@@ -103,10 +103,13 @@ def _peak_rss(workspace, name: str, spec: dict, max_length: int) -> dict:
 def test_emu3_image_side_by_side(benchmark, workspace, settings, results):
     name, n, rounds = settings.emu3, settings.emu3_codes, settings.emu3_rounds
     folder = workspace.checkpoint(name)
-    workspace.work(name)   # the folder's cache key, before a second thread needs it
     # What is not timed runs side by side, the slow part being processes that import torch:
     # onnxruntime-genai's builder, and transformers' image for its peak RSS, while the
-    # bundles are made here. All of it is over before the rounds start.
+    # bundles are made here. All of it is over before the rounds start. The second thread
+    # only starts processes and waits on them: what it needs that runs in this process
+    # (the builder's Llama folder) is made first, since transformers' lazy imports are not
+    # safe from two threads (a class looked up mid-import is missing).
+    workspace.genai_source(name)
     with ThreadPoolExecutor(2) as pool:
         built = pool.submit(_build_genai, workspace, name)
         # The prompt ids come from the runtime's own image prompt (what Emu3Processor writes
