@@ -64,9 +64,15 @@ class Settings:
         self.regression_ns = (4, 16) if self.smoke else (16, 64, 256)
         self.contexts = (64, 128) if self.smoke else (128, 256, 512, 1024, 2048)
         self.batches = (1, 2) if self.smoke else (1, 2, 4, 8)
+        # Emu3 image generation: the preset, the image's side in codes, and fewer rounds than
+        # the rest (an image of 32 x 32 codes is over 1,000 decoder steps a peer, and
+        # transformers with guidance takes tens of seconds a call).
+        self.emu3 = "emu3-smoke" if self.smoke else "emu3-30m"
+        self.emu3_codes = 4 if self.smoke else 32
+        self.emu3_rounds = config.getoption("--rounds") or (2 if self.smoke else 3)
 
     def describe(self) -> dict:
-        return {"smoke": self.smoke, "rounds": self.rounds, "threads": self.threads,
+        return {"smoke": self.smoke, "rounds": self.rounds, "emu3_rounds": self.emu3_rounds, "threads": self.threads,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens}
 
@@ -114,6 +120,12 @@ class Workspace:
 
         return self.memo(("ck", name), lambda: checkpoint_for(name, self.settings.cache))
 
+    @staticmethod
+    def is_emu3(name: str) -> bool:
+        from .emu3_presets import EMU3_PRESETS
+
+        return name in EMU3_PRESETS
+
     def work(self, name: str) -> Path:
         """Where the bundles and genai models built from this checkpoint live: keyed by the
         checkpoint's files and by the code and versions that build them, so a change to the
@@ -130,7 +142,8 @@ class Workspace:
         from . import peers
 
         def make():
-            fp32 = peers.export_bundle(self.checkpoint(name), self.work(name))
+            export = peers.export_hf_bundle if self.is_emu3(name) else peers.export_bundle
+            fp32 = export(self.checkpoint(name), self.work(name))
             if precision == "fp32":
                 return fp32
             out, how = peers.quantized_bundle(fp32, precision, self.work(name), threads=self.settings.threads,
@@ -149,10 +162,21 @@ class Workspace:
     def torch_model(self, name: str):
         from . import peers
 
-        return self.memo(("torch", name), lambda: peers.torch_model(self.checkpoint(name), self.settings.threads))
+        load = peers.emu3_torch_model if self.is_emu3(name) else peers.torch_model
+        return self.memo(("torch", name), lambda: load(self.checkpoint(name), self.settings.threads))
+
+    def genai_source(self, name: str) -> Path:
+        """A folder whose llm/ onnxruntime-genai's builder reads: the checkpoint's own, or
+        for an Emu3 folder its text model written as a LlamaForCausalLM folder."""
+        if not self.is_emu3(name):
+            return self.checkpoint(name)
+        from .emu3_presets import llama_folder
+
+        return self.memo(("llama", name), lambda: llama_folder(self.checkpoint(name), self.work(name) / "llama"))
 
     def genai(self, name: str, precision: str) -> Path:
-        """onnxruntime-genai's model of the checkpoint's llm/ (fp32 and int4 built together)."""
+        """onnxruntime-genai's model of the checkpoint's llm/ (fp32 and int4 built together;
+        for an Emu3 folder, of its text model: genai_source)."""
         from . import peers
 
         reason = peers.genai_available()
@@ -161,7 +185,7 @@ class Workspace:
 
         def make():
             try:
-                return peers.genai_build(self.checkpoint(name), ("fp32", "int4"), self.work(name),
+                return peers.genai_build(self.genai_source(name), ("fp32", "int4"), self.work(name),
                                          self.settings.threads)
             except peers.PeerUnavailable as e:
                 return e
@@ -215,7 +239,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     pngs = plot_all(results, s.out)
     tr = terminalreporter
     tr.section("emu-edge side by side")
-    tr.write_line(f"threads {s.threads}, {s.rounds} interleaved rounds per comparison; medians, (min, max) and ratios")
+    tr.write_line(f"threads {s.threads}, {s.rounds} interleaved rounds per comparison ({s.emu3_rounds} for Emu3 "
+                  "images); medians, (min, max) and ratios")
     for line in results.format().splitlines():
         tr.write_line(line)
     tr.write_line(f"wrote {json_path}")

@@ -16,6 +16,19 @@ from typing import Callable
 import numpy as np
 
 
+# Per-peer figures a comparison may carry beside its timings: key -> what they are.
+FIGURES = {"tokens_per_s": "tokens/s", "vq_decode_share": "VQ decode's share of the time",
+           "cfg_cost": "time with guidance / without", "peak_rss_mb": "peak RSS (MB)"}
+
+
+def figure_text(c: dict, key: str) -> str:
+    """One line of a comparison's per-peer figures: "what: peer value; peer value"."""
+    def value(v) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+
+    return f"{FIGURES[key]}: " + "; ".join(f"{peer} {value(v)}" for peer, v in c[key].items())
+
+
 @dataclass
 class Timing:
     """The seconds of every round of one peer; `work` units per call (tokens, steps...)."""
@@ -88,14 +101,15 @@ class Target:
     required: float
     unit: str
     note: str = ""
+    at_most: bool = False       # a cost to stay under (a ratio of times), not a speed-up to reach
 
     @property
     def met(self) -> bool:
-        return self.measured >= self.required
+        return self.measured <= self.required if self.at_most else self.measured >= self.required
 
     def as_dict(self) -> dict:
         return {"name": self.name, "measured": self.measured, "required": self.required, "unit": self.unit,
-                "met": self.met, "note": self.note}
+                "met": self.met, "note": self.note, "at_most": self.at_most}
 
 
 class Results:
@@ -124,8 +138,9 @@ class Results:
         if benchmark is not None:
             benchmark.extra_info.update({"curve": name, "series": series})
 
-    def target(self, name: str, measured: float, required: float, unit: str = "x", note: str = "") -> Target:
-        t = Target(name, float(measured), float(required), unit, note)
+    def target(self, name: str, measured: float, required: float, unit: str = "x", note: str = "",
+               at_most: bool = False) -> Target:
+        t = Target(name, float(measured), float(required), unit, note, at_most)
         self.targets.append(t)
         return t
 
@@ -148,9 +163,11 @@ class Results:
                     ratio = f"  {subject} is {c['ratios'][peer]:.2f}x"
                 lines.append(f"  {peer:<34} median {s['median_s'] * 1e3:9.2f} ms  (min {s['min_s'] * 1e3:.2f}, max "
                              f"{s['max_s'] * 1e3:.2f}, {s['rounds']} rounds)  {rate}{ratio}")
-            for key in ("agreement", "note"):
-                if key in c:
-                    lines.append(f"  {key}: {c[key]}")
+            if "agreement" in c:
+                lines.append(f"  agreement: {c['agreement']}")
+            lines += [f"  {figure_text(c, key)}" for key in FIGURES if key in c]
+            if "note" in c:
+                lines.append(f"  note: {c['note']}")
         for name, curve in self.curves.items():
             lines.append(f"{name} ({curve['y']} by {curve['x']})")
             for label, points in curve["series"].items():
@@ -160,6 +177,7 @@ class Results:
             lines.append("targets")
             for t in self.targets:
                 mark = "met " if t.met else "MISS"
-                lines.append(f"  [{mark}] {t.name}: {t.measured:.2f}{t.unit} (needs >= {t.required:.2f}{t.unit})"
+                bound = "<=" if t.at_most else ">="
+                lines.append(f"  [{mark}] {t.name}: {t.measured:.2f}{t.unit} (needs {bound} {t.required:.2f}{t.unit})"
                              + (f"  {t.note}" if t.note else ""))
         return "\n".join(lines)

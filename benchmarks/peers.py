@@ -5,6 +5,8 @@
     Emu2 reference     regression by re-running the whole decoder over the whole sequence
                        for every visual embedding, no KV cache (how Emu2's released code does it)
     onnxruntime-genai  its model builder run on the checkpoint's llm/ folder (fp32, int4)
+    Emu3 images        transformers `generate` with its row constraint and CFG, then its VQ
+                       decode; ours through Pipeline.image_ids and decode_image_ids (ImagePeer)
 
 Every peer is a zero-argument callable doing one unit of work (a generation, a
 regression, a denoising loop), so the harness can interleave them.
@@ -86,11 +88,30 @@ def export_bundle(checkpoint: Path, work: Path) -> Path:
 
 
 def _emu_edge(*args: str) -> None:
-    cmd = [sys.executable, "-m", "emu_edge.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"emu-edge {' '.join(args)} failed (exit {result.returncode}):\n"
-                           f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
+    """`emu-edge ARGS` through the CLI's own entry, in this process: a subprocess would spend
+    seconds importing again what this one has (torch, onnxruntime), which in the smoke pass
+    cost more than the work. Its output is kept for the error."""
+    import contextlib
+    import io
+
+    from emu_edge.cli import main
+
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            code = main(list(args))
+    except (Exception, SystemExit) as e:   # as a subprocess's crash or usage error would be: a failure
+        code = f"{type(e).__name__}: {e}"
+    if code:
+        raise RuntimeError(f"emu-edge {' '.join(args)} failed ({code}):\n{output.getvalue()[-3000:]}")
+
+
+def export_hf_bundle(folder: Path, work: Path) -> Path:
+    """`emu-edge export-hf FOLDER` (fp32), once per folder."""
+    out = work / "bundle-fp32"
+    if not (out / "manifest.json").is_file():
+        _emu_edge("export-hf", str(folder), "--out", str(out), "--overwrite")
+    return out
 
 
 def quantize_with_cli(bundle: Path, precision: str, out: Path, work: Path, threads: int, samples: int) -> str:
@@ -103,6 +124,10 @@ def quantize_with_cli(bundle: Path, precision: str, out: Path, work: Path, threa
     if precision == "int4":
         _emu_edge("quantize", str(bundle), "--graph", "decoder=int4", *common)
         return "emu-edge quantize --graph decoder=int4"
+    if Manifest.load(bundle).model.family == "emu3":
+        # An emu3 bundle's only INT8 graph is the decoder, weight-only: nothing to calibrate.
+        _emu_edge("quantize", str(bundle), "--precision", "int8", *common)
+        return "emu-edge quantize --precision int8"
     calibration = work / "calibration"
     if not _done(calibration):
         size = Manifest.load(bundle).model.emu2.image_size
@@ -385,6 +410,113 @@ def torch_denoise(model, cond: np.ndarray, steps: int):
 
     c = torch.from_numpy(cond)
     return lambda: sample_images(model, c, steps=steps, guidance=3.0, seed=0, scheduler="ddim")
+
+
+# -- Emu3 image generation ------------------------------------------------------------------
+
+
+class ImagePeer:
+    """One image in two parts, for interleave: `tokens()` (the decoder loop) then
+    `pixels(tokens)` (VQ decode and postprocess). Every call keeps the seconds of its pixel
+    part, and the last call's tokens, so one set of rounds gives the time per image, the VQ
+    decode's share of it, and the token rate."""
+
+    def __init__(self, tokens, pixels):
+        self.tokens, self.pixels = tokens, pixels
+        self.pixel_seconds: list[float] = []
+        self.last_tokens: list[int] = []
+
+    def __call__(self):
+        import time
+
+        ids = self.tokens()
+        start = time.perf_counter()
+        self.pixels(ids)
+        self.pixel_seconds.append(time.perf_counter() - start)
+        self.last_tokens = [int(t) for t in np.asarray(ids).reshape(-1)]
+
+
+def image_tokens(rows: int, cols: int) -> int:
+    """Tokens generated for an image of rows x cols codes: each row and its EOL, then EOF."""
+    return rows * (cols + 1) + 1
+
+
+def emu3_torch_model(folder: Path, threads: int):
+    import torch
+    from transformers import Emu3ForConditionalGeneration
+
+    torch.set_num_threads(threads)
+    return Emu3ForConditionalGeneration.from_pretrained(folder).eval()
+
+
+def emu3_prefix_allowed(model, rows: int, cols: int):
+    """The row constraint for `generate` as transformers' Emu3 docs write it, with the
+    model's own vocabulary map: counted from the image wrapper token, cols visual ids then
+    EOL per row, then EOF (the docs go on to EOI, EOS and padding, never reached here)."""
+    import torch
+
+    vocab = model.config.vocabulary_map
+    visual = model.vocabulary_mapping.image_tokens
+    wrapper, eol, eof = vocab["<|image token|>"], vocab["<|extra_200|>"], vocab["<|extra_201|>"]
+
+    def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        position = torch.nonzero(input_ids == wrapper, as_tuple=True)[0][0]
+        offset = input_ids.shape[0] - position
+        if offset % (cols + 1) == 0:
+            return [eol]
+        if offset == (cols + 1) * rows + 1:
+            return [eof]
+        return visual
+
+    return allowed
+
+
+def emu3_torch_image(model, folder: Path, prompt: list[int], negative: list[int], rows: int, cols: int,
+                     guidance: float) -> ImagePeer:
+    """transformers' Emu3 image generation: greedy `generate` under the row constraint,
+    guidance through its own classifier-free guidance (guidance_scale with
+    negative_prompt_ids: UnbatchedClassifierFreeGuidanceLogitsProcessor, a second forward
+    per step on its own KV cache, after the conditional one), stopped after EOF as ours
+    is; then decode_image_tokens and the image processor's postprocess to PIL."""
+    import torch
+    from transformers import Emu3ImageProcessor
+
+    processor = Emu3ImageProcessor.from_pretrained(folder)
+    vocab = model.config.vocabulary_map
+    ids = torch.tensor([prompt])
+    extra = {}
+    if guidance != 1:
+        neg = torch.tensor([negative])
+        extra = dict(negative_prompt_ids=neg, negative_prompt_attention_mask=torch.ones_like(neg))
+    allowed = emu3_prefix_allowed(model, rows, cols)
+    # decode_image_tokens drops the last three ids of the docs' sequence (EOF, EOI, EOS);
+    # generation stopped at EOF, so the two it never reads are appended.
+    tail = torch.tensor([[vocab["<|image end|>"], model.config.text_config.eos_token_id]])
+
+    def tokens():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=image_tokens(rows, cols), guidance_scale=guidance,
+                                 prefix_allowed_tokens_fn=allowed, **extra)
+        return out[:, ids.shape[1]:]
+
+    def pixels(new):
+        with torch.no_grad():
+            values = model.decode_image_tokens(image_tokens=torch.cat([new, tail], dim=1), height=rows, width=cols)
+        return processor.postprocess(list(values.float()), return_tensors="PIL.Image.Image")["pixel_values"]
+
+    return ImagePeer(tokens, pixels)
+
+
+def ours_image(pipe, prompt: str, negative: str, height: int, width: int, guidance: float) -> ImagePeer:
+    """The runtime's image generation, greedy, in the two calls generate_image makes:
+    image_ids (cond and uncond rows in one batched decoder session) and decode_image_ids."""
+    rows, cols = pipe.image_codes_size(height, width)
+
+    def tokens():
+        return pipe.image_ids([prompt], height, width, guidance=guidance, negative_prompt=negative, top_k=1, seed=0)
+
+    return ImagePeer(tokens, lambda ids: pipe.decode_image_ids(ids, rows, cols))
 
 
 # -- onnxruntime-genai ----------------------------------------------------------------------

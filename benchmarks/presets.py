@@ -11,6 +11,8 @@ from the exported bundle.
     unet-10m-64   the same U-Net at 64x64
 
 The -smoke presets are the same shapes shrunk until a whole pass takes seconds (CI).
+Emu3 presets (transformers folders, not our checkpoints) are in emu3_presets.py;
+checkpoint_for builds either.
 """
 
 from __future__ import annotations
@@ -116,16 +118,27 @@ def build_checkpoint(preset: Preset, out: Path, seed: int = 0) -> Path:
 
 
 def checkpoint_for(name: str, cache: Path) -> Path:
-    """The preset's checkpoint under `cache`, built once per preset version."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    preset = PRESETS[name]
-    out = Path(cache) / f"{name}-{preset.key()}" / "checkpoint"
-    if (out / "emu.json").is_file():
+    """The preset's checkpoint under `cache` (an Emu3 preset's: its transformers folder),
+    built once per preset version."""
+    from .emu3_presets import EMU3_PRESETS, build_folder
+
+    if name in PRESETS:
+        preset, leaf, marker, build = PRESETS[name], "checkpoint", "emu.json", build_checkpoint
+    elif name in EMU3_PRESETS:
+        preset, leaf, marker, build = EMU3_PRESETS[name], "folder", "config.json", build_folder
+    else:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join([*PRESETS, *EMU3_PRESETS])}")
+    return built_once(Path(cache) / f"{name}-{preset.key()}" / leaf, marker, lambda tmp: build(preset, tmp))
+
+
+def built_once(out: Path, marker: str, build) -> Path:
+    """`out` once it holds `marker`; else build(tmp) writes it beside, then it is renamed
+    into place, so an interrupted build is never taken for a finished one."""
+    if (out / marker).is_file():
         return out
-    tmp = out.with_name("checkpoint.partial")
+    tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_checkpoint(preset, tmp)
+    build(tmp)
     tmp.rename(out)
     return out
 

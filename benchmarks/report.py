@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from .harness import FIGURES, figure_text
+
 
 def _rate(peer: dict, unit: str) -> str:
     rate = peer.get(f"{unit}_per_s")
@@ -35,6 +37,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {peer} | {per:.3f} ms | {lo:.3f} to {hi:.3f} | {_rate(p, unit)} | {ratio} |")
         if "agreement" in c:
             lines += ["", f"Accuracy: {_agreement(c['agreement'])}"]
+        for key in FIGURES:
+            if key in c:
+                lines += ["", figure_text(c, key)]
         if "note" in c:
             lines += ["", f"Note: {c['note']}"]
         lines.append("")
@@ -44,8 +49,9 @@ def markdown(results: dict) -> str:
         for t in targets:
             mark = "met" if t["met"] else "**missed**"
             note = f" ({t['note']})" if t.get("note") else ""
-            lines.append(f"| {t['name']}{note} | {t['measured']:.2f}{t['unit']} | {t['required']:.2f}{t['unit']} "
-                         f"| {mark} |")
+            bound = "<=" if t.get("at_most") else ">="
+            lines.append(f"| {t['name']}{note} | {t['measured']:.2f}{t['unit']} | {bound} {t['required']:.2f}"
+                         f"{t['unit']} | {mark} |")
         lines.append("")
     return "\n".join(lines)
 

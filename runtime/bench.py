@@ -7,7 +7,12 @@ One table per bundle, measured through the runtime's own Pipeline (the code an a
     and tokens per second, regression of the N visual embeddings, one U-Net step with
     guidance (cond + uncond, batch 2), end-to-end caption and text-to-image, peak RSS
 
-and how decode cost grows with context length and batch size (--plot draws it). Torch-free:
+    emu3 bundles, instead of the emu2 rows: image generation at the bundle's default size
+    and smaller squares, each with its time per image (decoder loop and VQ decode), image
+    tokens per second, peak RSS and KV cache bytes
+
+and how decode cost grows with context length and batch size, and an emu3 image's time
+with its size (--plot draws them). Torch-free:
 a device with only the runtime installed runs it. Side-by-side comparisons with other
 runtimes live in the repository's benchmarks/ suite.
 """
@@ -121,7 +126,7 @@ def measure_bundle(path: str | Path, device: str = "cpu", threads: int | None = 
     start = time.perf_counter()
     bundle = Bundle.open(path, verify=True)
     pipe = Pipeline.load(bundle, device=device, threads=threads)
-    for name in ("vision_encoder", "unet"):
+    for name in ("vision_encoder", "unet", "vq_encoder", "vq_decoder"):
         if bundle.has_graph(name):
             pipe.graph(name)
     load_s = time.perf_counter() - start
@@ -136,7 +141,7 @@ def measure_bundle(path: str | Path, device: str = "cpu", threads: int | None = 
         "size_mb": bundle_size(path) / 1e6,
         "load_s": load_s,
     }
-    if pipe.is_multimodal:
+    if m.family == "emu2":
         image = rng.integers(0, 256, size=(m.emu2.image_size, m.emu2.image_size, 3), dtype=np.uint8)
         result["vision_encoder"] = _median_ms(lambda: pipe.encode_visuals([("image", image)]), repeat)
 
@@ -148,7 +153,7 @@ def measure_bundle(path: str | Path, device: str = "cpu", threads: int | None = 
         result["prefill"][str(n)] = _median_ms(lambda: session.prefill(ids.tolist()), repeat)
 
     result["decode"] = measure_decode(pipe, rng, min(tokens, pipe.max_length - lengths[0]), repeat, lengths[0])
-    if pipe.is_multimodal:
+    if m.family == "emu2":
         encoded = pipe.encode_items([PROMPT], "image")
         result["regression"] = {"n": m.emu2.n_query, **_median_ms(lambda: pipe.regress([encoded]), repeat)}
         result["unet_step"] = measure_unet_step(pipe, rng, repeat)
@@ -156,8 +161,14 @@ def measure_bundle(path: str | Path, device: str = "cpu", threads: int | None = 
         steps = steps or (m.generation or {}).get("steps", 25)
         result["text_to_image"] = {"steps": steps, **_median_ms(
             lambda: pipe.generate_image([PROMPT], steps=steps, seed=0), max(1, repeat // 2))}
+    if m.family == "emu3":
+        result["image_generation"] = measure_emu3_images(pipe, max(1, repeat // 2), quick)
     result["scaling"] = measure_scaling(pipe, rng, repeat=max(1, repeat // 2), quick=quick)
-    result["peak_rss_mb"] = peak_rss_mb()
+    peaks = [peak_rss_mb()]
+    if "image_generation" in result:
+        images = result["image_generation"]
+        peaks += [images["peak_rss_before_mb"]] + [v["peak_rss_mb"] for v in images["by_size"].values()]
+    result["peak_rss_mb"] = max((p for p in peaks if p is not None), default=None)
     result["peak_rss_scope"] = "this bundle" if rss_reset else "process (peak could not be reset)"
     return result
 
@@ -204,6 +215,62 @@ def measure_caption(pipe, image, repeat: int) -> dict:
     text = pipe.generate_text([image])
     n = len(pipe.tokenizer.encode(text, add_special_tokens=False).ids)
     return {"new_tokens_approx": n, **_median_ms(lambda: pipe.generate_text([image]), max(1, repeat // 2))}
+
+
+def emu3_image_sides(pipe, quick: bool = False) -> tuple[int, list[int]]:
+    """(the default side in codes, the square sides measured): the default and a half and a
+    quarter of it, or of the largest square whose tokens fit the cache with the prompt (and
+    the negative prompt, with guidance) when the default does not."""
+    default = pipe.image_codes_size(None, None)[0]
+    negative = (pipe.manifest.model.generation or {}).get("negative_prompt", "")
+
+    def fits(side: int) -> bool:
+        prompt = max(len(pipe.image_prompt(PROMPT, side, side)), len(pipe.image_prompt(negative, side, side)))
+        return prompt + side * (side + 1) <= pipe.max_length   # the image's tokens but its last (EOF)
+
+    top = default
+    while top > 0 and not fits(top):
+        top -= 1
+    sides = sorted({s for s in (top // 4, top // 2, top) if s > 0})
+    return default, sides[-2:] if quick else sides
+
+
+def measure_emu3_images(pipe, repeat: int, quick: bool = False) -> dict:
+    """One image per size, with the bundle's generation defaults (guidance, sampling), in
+    the two calls generate_image makes: the decoder loop (image_ids) and the VQ decode
+    (decode_image_ids). Per size: time per image, image tokens per second of the loop,
+    the process's peak RSS while it made the images, and the KV cache the image's rows
+    need (the cache held is sized for the Pipeline's max_length: kv_cache_held_bytes)."""
+    m = pipe.manifest.model
+    f = m.emu3.spatial_factor
+    guidance = pipe.image_defaults(None, None, None, None)["guidance"]
+    rows_per_image = 1 if guidance == 1 else 2     # with guidance, a row for the negative prompt
+    default, sides = emu3_image_sides(pipe, quick)
+    held = peak_rss_mb()    # the peak so far: each size's peak below starts from a reset
+    by_size = {}
+    for side in sides:
+        tokens = side * (side + 1) + 1
+        loop, vq, totals = [], [], []
+        reset_peak_rss()
+        for r in range(repeat + 1):
+            start = time.perf_counter()
+            ids = pipe.image_ids([PROMPT], side * f, side * f, seed=r)
+            mid = time.perf_counter()
+            pipe.decode_image_ids(ids, side, side)
+            end = time.perf_counter()
+            if r:     # the first is a warm-up
+                loop.append(mid - start)
+                vq.append(end - mid)
+                totals.append(end - start)
+        positions = len(pipe.image_prompt(PROMPT, side, side)) + tokens - 1
+        by_size[f"{side * f}x{side * f}"] = {
+            "codes": side, "tokens": tokens, "median_ms": float(np.median(totals) * 1e3),
+            "min_ms": float(min(totals) * 1e3), "max_ms": float(max(totals) * 1e3),
+            "vq_decode_ms": float(np.median(vq) * 1e3), "tokens_per_s": float(tokens / np.median(loop)),
+            "peak_rss_mb": peak_rss_mb(), "kv_cache_bytes": m.kv.bytes_for(rows_per_image, positions)}
+    return {"default": f"{default * f}x{default * f}", "guidance": guidance, "peak_rss_before_mb": held,
+            "do_sample": pipe.image_defaults(None, None, None, None)["do_sample"],
+            "kv_cache_held_bytes": m.kv.bytes_for(rows_per_image, pipe.max_length), "by_size": by_size}
 
 
 def measure_scaling(pipe, rng, repeat: int, quick: bool = False) -> dict:
@@ -315,6 +382,8 @@ def format_table(r: dict) -> str:
             ("caption end to end", f"{_ms(r['caption'])} (~{r['caption']['new_tokens_approx']} tokens)"),
             (f"text-to-image ({r['text_to_image']['steps']} steps)", _ms(r["text_to_image"])),
         ]
+    if "image_generation" in r:
+        rows += _image_rows(r["image_generation"])
     by_context = r["scaling"]["decode_step_ms_by_context"]
     if by_context:
         rows.append(("decode step by context", ", ".join(f"{n}: {v:.2f} ms" for n, v in by_context.items())))
@@ -327,6 +396,20 @@ def format_table(r: dict) -> str:
     lines = [f"{r['bundle']}  ({precisions}; attention {r['attention']})"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines) + "\n"
+
+
+def _image_rows(g: dict) -> list[tuple[str, str]]:
+    how = f"guidance {g['guidance']:g}, {'sampled' if g['do_sample'] else 'greedy'}"
+    if not g["by_size"]:
+        return [("image generation", f"no image fits max_length (default {g['default']})")]
+    rows = [("image generation", f"default {g['default']}, {how}; KV cache held "
+                                 f"{g['kv_cache_held_bytes'] / 1e6:.1f} MB")]
+    for size, v in g["by_size"].items():
+        rss = "n/a" if v["peak_rss_mb"] is None else f"{v['peak_rss_mb']:.0f} MB"
+        rows.append((f"image {size} ({v['tokens']} tokens)",
+                     f"{v['median_ms']:.0f} ms (VQ decode {v['vq_decode_ms']:.0f} ms), {v['tokens_per_s']:.0f} "
+                     f"image tokens/s, peak RSS {rss}, KV cache {v['kv_cache_bytes'] / 1e6:.1f} MB"))
+    return rows
 
 
 def _check_matplotlib() -> None:
@@ -342,7 +425,9 @@ def plot(results: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    images = [r for r in results if r.get("image_generation", {}).get("by_size")]
+    fig, axes = plt.subplots(1, 3 if images else 2, figsize=(15 if images else 10, 4))
+    ax1, ax2 = axes[:2]
     for r in results:
         label = f"{Path(r['bundle']).name} ({r['precision'].get('decoder', '?')})"
         ctx = r["scaling"]["decode_step_ms_by_context"]
@@ -355,7 +440,15 @@ def plot(results: list[dict], out: Path) -> None:
     ax1.set_xscale("log", base=2)
     ax2.set(xlabel="batch size", ylabel="tokens / s (all rows)", title="decode throughput vs batch")
     ax2.set_xscale("log", base=2)
-    for ax in (ax1, ax2):
+    if images:
+        ax3 = axes[2]
+        for r in images:
+            sizes = r["image_generation"]["by_size"].values()
+            ax3.plot([v["codes"] ** 2 for v in sizes], [v["median_ms"] / 1e3 for v in sizes], marker="o",
+                     label=f"{Path(r['bundle']).name} ({r['precision'].get('decoder', '?')})")
+        ax3.set(xlabel="codes per image (h x w)", ylabel="time per image (s)", title="emu3 image vs size")
+        ax3.set_xscale("log", base=2)
+    for ax in axes:
         # From zero: on an autoscaled axis run-to-run noise of a few percent reads as a trend.
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from emu_edge.cli import main
+from tiny_models import make_emu3_bundle
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,37 @@ def test_bench_writes_table_json_and_plot(tiny_bundle, text_bundle, tmp_path, ca
     assert multimodal["regression"]["n"] == 4 and multimodal["unet_step"]["batch"] == 2
     assert multimodal["text_to_image"]["steps"] == 4  # --quick
 
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_bench_emu3_bundle_measures_images_by_size(tmp_path, capsys):
+    """An emu3 bundle: no emu2 rows; image generation at the default size (16x16 pixels,
+    8x8 codes: image_area 256 at spatial factor 2) and half of it (--quick), each with its
+    time, image token rate, peak RSS and KV cache; the plot gains the image panel."""
+    bundle = make_emu3_bundle(tmp_path / "emu3", "f2", image_area=256)
+    report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", str(bundle), "--quick", "--threads", "1", "--json", str(report), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    for row in ("image generation", "image 16x16 (73 tokens)", "image 8x8 (21 tokens)", "image tokens/s"):
+        assert row in out, row
+    (r,) = json.loads(report.read_text())["bundles"]
+    for key in ("vision_encoder", "regression", "unet_step", "caption", "text_to_image"):
+        assert key not in r
+    g = r["image_generation"]
+    assert g["default"] == "16x16" and g["guidance"] == 3.0   # tiny_models' generation config
+    assert list(g["by_size"]) == ["8x8", "16x16"]
+    for size, v in g["by_size"].items():
+        side = v["codes"]
+        assert size == f"{side * 2}x{side * 2}" and v["tokens"] == side * (side + 1) + 1
+        assert v["min_ms"] <= v["median_ms"] <= v["max_ms"] and 0 < v["vq_decode_ms"] < v["median_ms"]
+        assert _finite(v["tokens_per_s"]) and v["tokens_per_s"] > 0
+        assert v["peak_rss_mb"] is None or v["peak_rss_mb"] > 0
+        # two rows (prompt and negative prompt) of the image's positions, the prompt's included
+        assert 0 < v["kv_cache_bytes"] <= g["kv_cache_held_bytes"]
+    small, large = g["by_size"].values()
+    assert small["kv_cache_bytes"] < large["kv_cache_bytes"]
+    assert r["peak_rss_mb"] is None or r["peak_rss_mb"] >= max(v["peak_rss_mb"] or 0 for v in g["by_size"].values())
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.size[0] > 100
 

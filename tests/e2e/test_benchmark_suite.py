@@ -30,6 +30,17 @@ def test_side_by_side_smoke_pass(tmp_path):
             "emu-edge fp32", "emu-edge int8", "emu-edge int4"} <= decode
     regression = next(v for k, v in peers.items() if k.startswith("regression:"))
     assert any("Emu2 reference" in p for p in regression) and any(p.startswith("emu-edge") for p in regression)
+    image = next(k for k in peers if k.startswith("emu3 image:"))
+    whos = ("transformers eager fp32", "emu-edge fp32", "emu-edge int8", "emu-edge int4")
+    assert {f"{who} {guidance}" for who in whos for guidance in ("CFG 3", "no CFG")} == peers[image]
+    figures = results["comparisons"][image]
+    assert all(0 < share < 1 for share in figures["vq_decode_share"].values())
+    assert all(rate > 0 for rate in figures["tokens_per_s"].values()) and len(figures["cfg_cost"]) == 4
+    assert len(figures["peak_rss_mb"]) == 4   # each peer with guidance
+    assert all(0 < m["after_load"] <= m["peak"] for m in figures["peak_rss_mb"].values())
+    tokens = next(v for k, v in peers.items() if k.startswith("emu3 image tokens"))
+    assert {"onnxruntime-genai fp32", "onnxruntime-genai int4", "emu-edge fp32 image tokens, no CFG",
+            "emu-edge int4 image tokens, no CFG"} <= tokens
     for comparison in results["comparisons"].values():
         for figures in comparison["peers"].values():
             assert figures["min_s"] <= figures["median_s"] <= figures["max_s"]
