@@ -3,9 +3,10 @@
     emu-edge serve [--bundle DIR] [--host 127.0.0.1] [--port 8000] [--max-batch N]
                    [--batch-timeout S] [--api-key KEY] [--max-queue N] [--timeout S]
 
-Concurrent requests are gathered for --batch-timeout seconds into batches of up to
---max-batch jobs (greedy answers share one decode). SIGINT and SIGTERM both stop the
-HTTP process and the inference worker.
+Text requests are batched continuously: one arriving while others decode joins the
+running batch at the next step (up to --max-batch rows; more wait for a free row), and
+one that ends leaves at once. SIGINT and SIGTERM both stop the HTTP process and the
+inference worker.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ import sys
 import threading
 from pathlib import Path
 
+from emu_edge.serve.engine import DEFAULT_MAX_ROWS
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--bundle", type=Path, help="the bundle to serve (default: the shipped model)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=4, help="jobs run together (default 4)")
-    parser.add_argument("--batch-timeout", type=float, default=0.05,
-                        help="seconds a batch waits for more requests (default 0.05)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_ROWS,
+                        help=f"text requests decoded together; more wait for a free row (default {DEFAULT_MAX_ROWS})")
+    parser.add_argument("--batch-timeout", type=float, default=0.0,
+                        help="seconds an idle server waits for more requests to start with the first (default 0: "
+                             "a text request joins the running batch at the next step anyway; image requests "
+                             "of the same settings that start together share one call)")
     parser.add_argument("--api-key", default=os.environ.get("EMU_EDGE_API_KEY"),
                         help="require Authorization: Bearer KEY on /v1 routes (default: $EMU_EDGE_API_KEY, else none)")
     parser.add_argument("--max-queue", type=int, default=64,
