@@ -3,10 +3,12 @@
     emu-edge serve [--bundle DIR] [--host 127.0.0.1] [--port 8000] [--max-batch N]
                    [--batch-timeout S] [--api-key KEY] [--max-queue N] [--timeout S]
 
+    emu-edge serve --ray [--replicas N | --min-replicas A --max-replicas B] ...   (serve/ray_app.py)
+
 Text requests are batched continuously: one arriving while others decode joins the
 running batch at the next step (up to --max-batch rows; more wait for a free row), and
 one that ends leaves at once. SIGINT and SIGTERM both stop the HTTP process and the
-inference worker.
+inference worker (with --ray: the app and the Ray this command started).
 """
 
 from __future__ import annotations
@@ -44,27 +46,51 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per graph (default: onnxruntime's)")
     parser.add_argument("--stop-after", type=float, default=None,
                         help="stop by itself after this many seconds (tests, timed demos)")
+    group = parser.add_argument_group("Ray Serve (--ray, the [ray] extra: replicas, autoscaling, a cluster)")
+    group.add_argument("--ray", action="store_true", help="serve as a Ray Serve app (serve/ray_app.py)")
+    group.add_argument("--replicas", type=int, default=1, help="replicas, each with its own engine (default 1)")
+    group.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas")
+    group.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    group.add_argument("--target-ongoing-requests", type=float, default=None,
+                       help="requests in flight per replica the autoscaler aims at (default: --max-batch)")
+    group.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    group.add_argument("--ray-address", default=None,
+                       help="a running Ray cluster to join ('auto': the one `ray start` made here); default: start "
+                            "a Ray of its own")
 
 
 def run(args) -> int:
-    import litserve as ls
-
     from emu_edge.runtime.bundle import Bundle
     from emu_edge.runtime.shipped import default_bundle
-    from emu_edge.serve.app import GENERIC_ID, EmuAPI, EmuSpec
+    from emu_edge.serve.app import GENERIC_ID
     from emu_edge.serve.requests import Limits
 
-    for name in ("max_batch", "max_queue", "max_images", "max_image_pixels"):
+    for name in ("max_batch", "max_queue", "max_images", "max_image_pixels", "replicas"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.batch_timeout < args.timeout:
         raise ValueError("--batch-timeout must be >= 0 and below --timeout")
+    if args.min_replicas is not None and args.min_replicas < 0:
+        raise ValueError("--min-replicas must be >= 0")
+    if args.max_replicas is not None and args.max_replicas < max(1, args.min_replicas or 0):
+        raise ValueError("--max-replicas must be >= 1 and >= --min-replicas")
+    if args.replica_cpus <= 0:
+        raise ValueError("--replica-cpus must be > 0")
     path = args.bundle if args.bundle is not None else default_bundle(log=lambda *a: print(*a, file=sys.stderr))
     bundle = Bundle.open(path)   # a broken bundle fails here, in one line, not in the worker
     name = model_name(bundle)
-    spec = EmuSpec([GENERIC_ID] + ([name] if name != GENERIC_ID else []),
-                   Limits(max_images=args.max_images, max_image_pixels=args.max_image_pixels, timeout=args.timeout),
-                   api_key=args.api_key, max_queue=args.max_queue)
+    model_ids = [GENERIC_ID] + ([name] if name != GENERIC_ID else [])
+    limits = Limits(max_images=args.max_images, max_image_pixels=args.max_image_pixels, timeout=args.timeout)
+    if args.ray:
+        from emu_edge.serve.ray_app import run as run_ray
+
+        return run_ray(args, str(bundle.path), model_ids, limits)
+
+    import litserve as ls
+
+    from emu_edge.serve.app import EmuAPI, EmuSpec
+
+    spec = EmuSpec(model_ids, limits, api_key=args.api_key, max_queue=args.max_queue)
     api = EmuAPI(str(bundle.path), args.threads, spec, args.max_batch, args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=args.timeout,
                           max_payload_size=int(args.max_body_mb * 1024 * 1024))
@@ -74,7 +100,7 @@ def run(args) -> int:
         timer = threading.Timer(args.stop_after, lambda: os.kill(os.getpid(), signal.SIGINT))
         timer.daemon = True
         timer.start()
-    print(f"serving {bundle.path} as {', '.join(spec.model_ids)} on http://{args.host}:{args.port}/v1",
+    print(f"serving {bundle.path} as {', '.join(model_ids)} on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     try:
         server.run(host=args.host, port=args.port, num_api_servers=1, generate_client_file=False,
