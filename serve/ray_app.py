@@ -65,7 +65,7 @@ class EngineRoutes(OpenAIRoutes):
         return await call_next(request)
 
     async def health(self, request: Request):
-        return PlainTextResponse("ok")
+        return PlainTextResponse("ok", headers={"x-emu-edge-replica": self.replica} if self.replica else None)
 
     def stop(self) -> None:
         self.inbox.put(STOP)
