@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from emu_edge import data
+from emu_edge.serve.cli import session_processes, wait_until_serving
 
 MIX = {"caption": 0.4, "vqa": 0.3, "chat": 0.2, "image": 0.1}
 LONG_TOKENS = 256
@@ -66,36 +67,13 @@ class Server:
             command += ["--threads", str(threads)]
         self.log = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"the server did not start; see {log}")
-
-    def members(self) -> list[int]:
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[3]) == self.process.pid and fields[0] != "Z":
-                    pids.append(int(entry))
-        return pids
+        if not wait_until_serving(self.url, self.process, 120):
+            self.stop()
+            raise RuntimeError(f"the server did not start; see {log}")
 
     def rss_bytes(self) -> int:
         total = 0
-        for pid in self.members():
+        for pid in session_processes(self.process.pid):
             try:
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
@@ -112,7 +90,7 @@ class Server:
         except subprocess.TimeoutExpired:
             pass
         time.sleep(1.0)
-        left = self.members()
+        left = session_processes(self.process.pid)
         if left:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.log.close()

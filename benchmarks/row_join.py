@@ -17,23 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
+
+from emu_edge.runtime.bench import _median_ms as median_ms
 
 CONTEXT = 100
 
 
 def _median_ms(run, rounds: int) -> float:
-    run()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_ms(run, rounds)["median_ms"]
 
 
 def measure(pipe, busy: int, prompt_length: int, rounds: int) -> dict:

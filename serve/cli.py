@@ -114,3 +114,38 @@ def model_name(bundle) -> str:
     """The bundle's own model name: the checkpoint or folder it was exported from."""
     source = bundle.manifest.model.source or {}
     return str(source.get("checkpoint") or source.get("llm") or bundle.path.name)
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session `sid` (Linux /proc). A server started as a session's
+    leader (start_new_session=True) and stopped should leave none: its workers, and Ray's,
+    stay in its session."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def wait_until_serving(url: str, process, seconds: float) -> bool:
+    """Whether the server at `url` (a subprocess) answers /health within `seconds`; False
+    as soon as the process has ended."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.read() == b"ok":
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False

@@ -22,24 +22,18 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from emu_edge.serve.cli import session_processes, wait_until_serving
+
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small red square"]
 REQUESTS = 12
 
 
-def session_members(sid: int) -> list[str]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    command = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                members.append(f"{entry} {command}")
-    return members
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"{pid} " + f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return f"{pid} (gone)"
 
 
 def replica_of(url: str) -> str | None:
@@ -69,18 +63,8 @@ def main() -> int:
     result: dict = {"answers": [], "started_s": None}
     start = time.monotonic()
     try:
-        while time.monotonic() - start < 45:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        result["started_s"] = round(time.monotonic() - start, 1)
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None:
-                break
-            time.sleep(0.3)
-        if result["started_s"] is not None:
+        if wait_until_serving(url, server, 45):
+            result["started_s"] = round(time.monotonic() - start, 1)
             # Ray's proxy learns of the second replica a moment after the first answers:
             # the burst below is sent once both have answered a health check.
             seen: set = set()
@@ -114,7 +98,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             result["exit_code"] = None
         time.sleep(1.0)
-        result["left"] = session_members(server.pid)
+        result["left"] = [command_line(pid) for pid in session_processes(server.pid)]
         if result["left"]:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()

@@ -29,6 +29,7 @@ openai = pytest.importorskip("openai")
 from tiny_models import make_emu3_bundle  # noqa: E402
 from emu_edge.runtime.pipeline import Pipeline  # noqa: E402
 from emu_edge.runtime.sampling import Sampler  # noqa: E402
+from emu_edge.serve.cli import session_processes, wait_until_serving  # noqa: E402
 
 KEY = "test-key-123"
 
@@ -44,18 +45,9 @@ class Server:
             [sys.executable, "-m", "emu_edge.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
              "--threads", "1", "--stop-after", "400", *options],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise RuntimeError(f"the server did not start: {self.process.stdout.read()}")
-            time.sleep(0.3)
+        if not wait_until_serving(self.url, self.process, 90):
+            self.process.kill()
+            raise RuntimeError(f"the server did not start: {self.process.stdout.read()}")
 
     def client(self, api_key: str = "none", **kwargs):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
@@ -81,25 +73,11 @@ class Server:
         try:
             self.process.wait(timeout=30)
         finally:
-            left = _group_members(self.process.pid)
+            time.sleep(1.0)
+            left = session_processes(self.process.pid)
             if left:
                 os.killpg(self.process.pid, signal.SIGKILL)
         assert not left, f"processes left after SIGTERM: {left}"
-
-
-def _group_members(pgid: int) -> list[int]:
-    time.sleep(1.0)
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry))
-    return members
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:
