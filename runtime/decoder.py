@@ -38,7 +38,7 @@ rows alone. prefill_row runs one row that way: onnxruntime's GroupQueryAttention
 several new tokens on a non-empty cache only for batch 1, and that is what the one-row
 binding is; its cache lands in place, so nothing is copied. step(rows=k) runs the first k
 rows, so a batch whose last rows are free costs what a batch of k costs (a step of 16 rows
-of the shipped model costs ~7x a step of 1).
+of the shipped model costs 6-7x a step of 1).
 
 A session is not shared between threads: Pipeline gives each call its own (a pool).
 """
@@ -192,7 +192,7 @@ class DecoderSession:
         self._all = _Rows(self.binding, 0, batch, self.cache.lengths, self._seqlens_k, self._step_ids,
                           self._logits_host, self._regressed_host, step_values)
         self._views: dict[tuple[int, int], _Rows] = {}   # other row ranges, bound on first use
-        self._free: set[int] = set()  # rows free_row emptied and nothing has filled since
+        self._free = np.zeros(0, np.int64)   # rows free_row emptied and nothing has filled since
         self._longest = 0            # the longest row's length (cache.lengths.max())
 
     def _wrap(self, array: np.ndarray):
@@ -220,7 +220,7 @@ class DecoderSession:
 
     def reset(self) -> None:
         self.cache.reset()
-        self._free.clear()
+        self._free = self._free[:0]
         self._longest = 0
 
     def prefill(self, rows: list[list[int]], visual: np.ndarray | None = None) -> DecoderOutput:
@@ -291,7 +291,7 @@ class DecoderSession:
         self._check_visual(row, visual)
         part = self._rows(b, b + 1)
         part.lengths[0] = 0
-        self._free.discard(b)
+        self._free = self._free[self._free != b]
         return self._forward(row, row.shape[1], visual, None, part)
 
     def free_row(self, b: int) -> None:
@@ -302,7 +302,7 @@ class DecoderSession:
         if not 0 <= b < self.batch:
             raise DecoderError(f"row {b} is not one of this session's {self.batch} rows")
         self.cache.lengths[b] = 0
-        self._free.add(b)
+        self._free = np.union1d(self._free, [b])
         self._longest = int(self.cache.lengths.max())
 
     def step_regressed(self) -> DecoderOutput:
@@ -428,10 +428,9 @@ class DecoderSession:
             lengths += 1
         else:
             lengths[:] = totals
-        if self._free:
+        if self._free.size:
             # Free rows that ran wrote position 0 only: left empty, they never fill up.
-            for b in self._free:
-                self.cache.lengths[b] = 0
+            self.cache.lengths[self._free] = 0
         self._longest = longest if whole else int(self.cache.lengths.max())
         # Copies: the bound outputs are overwritten by the next call.
         if self._host:
