@@ -54,7 +54,7 @@ class Metrics:
         self.requests = Counter("emu_edge_requests", "Requests answered, by route and status", ["route", "status"],
                                 registry=r)
         self.queue_depth = Gauge("emu_edge_queue_depth", "Requests queued or running", registry=r)
-        self.batch_size = Histogram("emu_edge_batch_size", "Rows in the decode a request ran in",
+        self.batch_size = Histogram("emu_edge_batch_size", "The most rows a request shared a step (or image call) with",
                                     buckets=(1, 2, 3, 4, 6, 8, 16), registry=r)
         self.tokens = Counter("emu_edge_generated_tokens", "Tokens generated", registry=r)
         self.tokens_per_second = Gauge("emu_edge_tokens_per_second",

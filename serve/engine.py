@@ -228,8 +228,14 @@ class Engine:
         now = time.monotonic()
         for settings, group in groups.items():
             generators = [row.generator for row in group] if group[0].generator is not None else None
-            tokens = text.sample(self._samplers[settings], np.stack([row.logits for row in group]),
-                                 [row.history for row in group], banned, generators=generators).tolist()
+            try:
+                tokens = text.sample(self._samplers[settings], np.stack([row.logits for row in group]),
+                                     [row.history for row in group], banned, generators=generators).tolist()
+            except Exception as e:   # (NaN logits): these rows end, the others go on
+                for row in group:
+                    events.append((row.key, failed(e)))
+                    self._free(row)
+                continue
             for row, token in zip(group, tokens):
                 row.count += 1
                 row.history.append(token)
