@@ -472,3 +472,34 @@ def test_requests_joining_a_running_batch_get_what_each_gets_alone(shipped_bundl
     assert done[6]["done"]["finish_reason"] == "stop" and done[7]["done"]["completion_tokens"] == 3
     assert len(joined_busy) >= 4 and "cancelled" not in done
     assert all(row is None for row in engine.rows) and engine.session.lengths.max() == 0
+
+
+def test_a_row_that_fails_to_sample_ends_alone(tiny_bundle):
+    """A decode step whose logits turn NaN for one request's row: that request answers
+    500 and its row is freed; the other, of other settings, goes on to its solo answer."""
+    from emu_edge.serve.engine import Engine, is_last
+    from emu_edge.serve.requests import TextJob
+
+    pipe = Pipeline.load(tiny_bundle, threads=1)
+    engine = Engine(pipe, max_rows=2)
+    step = engine.session.step
+
+    def poisoned(tokens, check=True, rows=None):
+        out = step(tokens, check, rows)
+        out.logits[0] = np.nan
+        return out
+
+    engine.session.step = poisoned
+    sampling = {"do_sample": True, "temperature": 0.9, "seed": 3}
+    jobs = [TextJob(turns=[(["a red circle"], None)], max_tokens=8),
+            TextJob(turns=[(["a blue square"], None)], sampling=sampling, max_tokens=8)]
+    last, text = {}, ""
+    for events in engine.run(jobs):
+        for i, event in enumerate(events):
+            if event is not None:
+                text += event.get("text", "") if i == 1 else ""
+                if is_last(event):
+                    last[i] = event
+    assert last[0]["error"]["status"] == 500 and "NaN" in last[0]["error"]["message"]
+    assert text.strip() == pipe.generate_text("a blue square", max_new_tokens=8, **sampling)
+    assert last[1]["done"]["completion_tokens"] <= 8 and all(row is None for row in engine.rows)
