@@ -10,6 +10,11 @@
                                              embedding (Emu2's image regression loop)
     session.extend(rows, visual)          -> more tokens per row (a new chat turn)
 
+    # rows of one cache joining and leaving at step boundaries (a server's running batch):
+    session.prefill_row(b, ids, visual)   -> logits [1, V]; row b alone, the others untouched
+    session.step(tokens [k], rows=k)      -> the first k rows only; rows from k on do not run
+    session.free_row(b)                   -> row b holds nothing (kept empty if stepped)
+
 The decoder graph takes token ids and holds the embedding table (emu2: and splices visual
 embeddings in at the image token's positions), so every call is one graph run. Tensors are
 bound by the names the manifest maps each role to (`GraphSpec.names`), never by names
@@ -26,6 +31,14 @@ Each row keeps its own length (`lengths`): a batch of prompts of different lengt
 right-padded for the prefill and every row then grows from where it ended, at the
 positions it would have alone. seqlens_k / total_sequence_length are derived from those
 lengths (see emu_edge.export.decoder for the graph side of the contract).
+
+A range of rows [lo, hi) is a batch of its own: row b of every [B, ...] buffer starts b
+rows into it, so a second binding over that part of each buffer (by address) runs those
+rows alone. prefill_row runs one row that way: onnxruntime's GroupQueryAttention takes
+several new tokens on a non-empty cache only for batch 1, and that is what the one-row
+binding is; its cache lands in place, so nothing is copied. step(rows=k) runs the first k
+rows, so a batch whose last rows are free costs what a batch of k costs (a step of 16 rows
+of the shipped model costs 6-7x a step of 1).
 
 A session is not shared between threads: Pipeline gives each call its own (a pool).
 """
@@ -61,6 +74,22 @@ def available_memory_bytes() -> int | None:
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB"
+
+
+@dataclass
+class _Rows:
+    """A binding over rows [lo, hi) of a session, and its views of the host arrays."""
+
+    binding: object
+    lo: int
+    hi: int
+    lengths: np.ndarray               # views of the session's arrays, rows [lo, hi)
+    seqlens_k: np.ndarray
+    step_ids: np.ndarray
+    logits_host: np.ndarray | None
+    regressed_host: np.ndarray | None
+    step_values: dict | None = None   # CPU: the step inputs bound once, by kind
+    bound: str | None = None          # which of them are bound: "text", "image" or None
 
 
 @dataclass
@@ -144,22 +173,26 @@ class DecoderSession:
         self._seqlens_k = np.zeros(batch, np.int32)
         self._total = np.zeros((), np.int32)
         self.logits, self._logits_host = self._output("logits", [batch, model.vocab_size])
-        self.regressed, self._regressed_host = None, None
+        self.regressed, self._regressed_host, self._regressed_dim = None, None, None
         if self.spec.has("regressed"):
-            visual_dim = decoder.output_shapes[name("regressed")][1]
-            self.regressed, self._regressed_host = self._output("regressed", [batch, visual_dim])
+            self._regressed_dim = decoder.output_shapes[name("regressed")][1]
+            self.regressed, self._regressed_host = self._output("regressed", [batch, self._regressed_dim])
         self._no_visual = None
         if self._visual_name is not None:
             # Text positions: no visual embeddings to splice in (0 rows).
             self._no_visual = np.zeros([0, decoder.input_shapes[self._visual_name][1]], np.float32)
         self._step_ids = np.zeros((batch, 1), np.int64)
         self._image_ids = np.full((batch, 1), -1 if self.placeholder is None else self.placeholder, np.int64)
+        step_values = None
         if self._host:
             for key, array in (("seqlens_k", self._seqlens_k), ("total_sequence_length", self._total)):
                 self.binding.bind_ortvalue_input(self._names[key], self._wrap(array))
-            self._step_values = {"text": (self._wrap(self._step_ids), self._wrap_visual(self._no_visual)),
-                                 "image": (self._wrap(self._image_ids), self.regressed)}
-        self._bound = None           # which host inputs are bound: "text", "image" or None
+            step_values = {"text": (self._wrap(self._step_ids), self._wrap_visual(self._no_visual)),
+                           "image": (self._wrap(self._image_ids), self.regressed)}
+        self._all = _Rows(self.binding, 0, batch, self.cache.lengths, self._seqlens_k, self._step_ids,
+                          self._logits_host, self._regressed_host, step_values)
+        self._views: dict[tuple[int, int], _Rows] = {}   # other row ranges, bound on first use
+        self._free = np.zeros(0, np.int64)   # rows free_row emptied and nothing has filled since
         self._longest = 0            # the longest row's length (cache.lengths.max())
 
     def _wrap(self, array: np.ndarray):
@@ -187,6 +220,7 @@ class DecoderSession:
 
     def reset(self) -> None:
         self.cache.reset()
+        self._free = self._free[:0]
         self._longest = 0
 
     def prefill(self, rows: list[list[int]], visual: np.ndarray | None = None) -> DecoderOutput:
@@ -225,19 +259,51 @@ class DecoderSession:
             return out
         return self._forward(ids, steps, visual)
 
-    def step(self, tokens, check: bool = True) -> DecoderOutput:
+    def step(self, tokens, check: bool = True, rows: int | None = None) -> DecoderOutput:
         """One token id per row (tokens [B] or [B, 1]): one bound graph run and a copy of
         the logits on the CPU. check=False skips the checks (the text loop's own tokens: a
-        [B] int array without placeholders, which it never samples)."""
+        [B] int array without placeholders, which it never samples). rows=k: only the
+        first k rows run (tokens [k], logits [k, V]); the others keep their cache and
+        length, whatever they hold."""
+        if rows is not None and not 1 <= rows <= self.batch:
+            raise DecoderError(f"rows must be in 1..{self.batch}, got {rows}")
+        part = self._all if rows is None else self._rows(0, rows)
         if check:
             tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-            if tokens.shape != (self.batch,):
-                raise DecoderError(f"step() takes one token id per row ({self.batch}), got {tokens.size}")
+            if tokens.shape != (part.hi,):
+                raise DecoderError(f"step() takes one token id per row ({part.hi}), got {tokens.size}")
             check_placeholders(tokens, 0, self.placeholder)
         # Unchecked, `tokens` is the sampler's [B] int array: a decode step is short enough
         # that a conversion and a comparison per token show.
-        self._step_ids[:, 0] = tokens
-        return self._forward(self._step_ids, 1, self._no_visual, "text")
+        part.step_ids[:, 0] = tokens
+        return self._forward(part.step_ids, 1, self._no_visual, "text", part)
+
+    def prefill_row(self, b: int, ids: list[int], visual: np.ndarray | None = None) -> DecoderOutput:
+        """Start row b over with one prompt, run alone (batch 1, as the prompt runs alone in
+        a session of its own): the other rows' caches and lengths are untouched, so a
+        request joins a running batch here and the next step() carries it with the others.
+        -> the logits of its last token, [1, V]."""
+        if not 0 <= b < self.batch:
+            raise DecoderError(f"row {b} is not one of this session's {self.batch} rows")
+        row = np.asarray([ids], dtype=np.int64)
+        if row.ndim != 2 or row.shape[1] < 1:
+            raise DecoderError(f"prefill_row() takes a list of >= 1 token ids, got shape {list(row.shape)}")
+        self._check_visual(row, visual)
+        part = self._rows(b, b + 1)
+        part.lengths[0] = 0
+        self._free = self._free[self._free != b]
+        return self._forward(row, row.shape[1], visual, None, part)
+
+    def free_row(self, b: int) -> None:
+        """Row b holds nothing from now on (its request has ended) and the others are
+        untouched. A free row that a step still runs (one below a busy row) is fed the
+        token given for it at position 0 and left empty again, so it never fills up and
+        never reads what it held."""
+        if not 0 <= b < self.batch:
+            raise DecoderError(f"row {b} is not one of this session's {self.batch} rows")
+        self.cache.lengths[b] = 0
+        self._free = np.union1d(self._free, [b])
+        self._longest = int(self.cache.lengths.max())
 
     def step_regressed(self) -> DecoderOutput:
         """One more position per row whose input is a placeholder token carrying that row's
@@ -265,6 +331,50 @@ class DecoderSession:
         return [visual[order[:, s][ids[:, s] == self.placeholder]] if (ids[:, s] == self.placeholder).any()
                 else None for s in range(ids.shape[1])]
 
+    def _rows(self, lo: int, hi: int) -> _Rows:
+        """Rows [lo, hi) as a batch of their own: a binding over that part of every buffer,
+        made on first use (onnxruntime's IOBinding binds a buffer by its address)."""
+        part = self._all if (lo, hi) == (0, self.batch) else self._views.get((lo, hi))
+        if part is not None:
+            return part
+        binding = self.backend.bind()
+        if not hasattr(binding, "bind_input"):
+            raise DecoderError("running some rows of a batch alone needs the onnxruntime backend (its IOBinding "
+                               "binds part of a buffer by address)")
+        device, device_id = self.backend.device, self.backend.device_id
+
+        def bind(key: str, buffer, row_shape: list, dtype, output: bool) -> None:
+            row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+            address = buffer.data_ptr() + lo * row_bytes
+            (binding.bind_output if output else binding.bind_input)(key, device, device_id, dtype,
+                                                                    [hi - lo, *row_shape], address)
+
+        name, kv = self.spec.name, self.cache.spec
+        row_shape = [kv.num_kv_heads, self.max_length, kv.head_dim]
+        for i, (key, value) in enumerate(self.cache.buffers):
+            for role, buffer in (("key", key), ("value", value)):
+                bind(name(f"past_{role}", i), buffer, row_shape, np.dtype(kv.dtype), False)
+                bind(name(f"present_{role}", i), buffer, row_shape, np.dtype(kv.dtype), True)
+        host = self._host
+        logits_host = self._logits_host[lo:hi] if host else None
+        regressed_host = self._regressed_host[lo:hi] if host and self.regressed is not None else None
+        if host:
+            binding.bind_ortvalue_output(self._names["logits"], self._wrap(logits_host))
+            if regressed_host is not None:
+                binding.bind_ortvalue_output(name("regressed"), self._wrap(regressed_host))
+        else:
+            bind(self._names["logits"], self.logits, [self.model.vocab_size], np.float32, True)
+            if self.regressed is not None:
+                bind(name("regressed"), self.regressed, [self._regressed_dim], np.float32, True)
+        part = _Rows(binding, lo, hi, self.cache.lengths[lo:hi], self._seqlens_k[lo:hi], self._step_ids[lo:hi],
+                     logits_host, regressed_host)
+        if host:
+            binding.bind_ortvalue_input(self._names["seqlens_k"], self._wrap(part.seqlens_k))
+            binding.bind_ortvalue_input(self._names["total_sequence_length"], self._wrap(self._total))
+            part.step_values = {"text": (self._wrap(part.step_ids), self._wrap_visual(self._no_visual))}
+        self._views[(lo, hi)] = part
+        return part
+
     def _check_room(self, totals: np.ndarray) -> None:
         if totals.max() > self.max_length:
             raise ContextTooLongError(
@@ -272,50 +382,60 @@ class DecoderSession:
                 f"Start a new conversation, shorten the prompt or max_new_tokens, or load with a larger "
                 f"max_length (this bundle's decoder supports up to {self.model.max_length}).")
 
-    def _forward(self, ids: np.ndarray, counts, visual: np.ndarray | None, bound: str | None = None) -> DecoderOutput:
+    def _forward(self, ids: np.ndarray, counts, visual: np.ndarray | None, bound: str | None = None,
+                 part: _Rows | None = None) -> DecoderOutput:
         """Run the graph on S new positions per row; counts: real tokens per row ([B] or one
-        int). bound: "text" / "image" when `ids` is that kind's host array, bound once."""
-        lengths = self.cache.lengths
+        int). bound: "text" / "image" when `ids` is that kind's host array, bound once.
+        part: the rows that run (default all)."""
+        part = part or self._all
+        whole = part is self._all
+        lengths = part.lengths
         if bound is not None:
             # One more token in every row: the longest row is known without a reduction, and
             # seqlens_k (tokens after the call - 1) is the lengths before it. A decode step is
             # short enough that each numpy call shows.
-            totals, longest = None, self._longest + 1
+            totals = None
+            longest = (self._longest if whole else int(lengths.max())) + 1
             if longest > self.max_length:
                 self._check_room(lengths + 1)
-            self._seqlens_k[:] = lengths
+            part.seqlens_k[:] = lengths
         else:
             totals = lengths + counts
             longest = int(totals.max())
             if longest > self.max_length:
                 self._check_room(totals)
-            np.subtract(totals, 1, out=self._seqlens_k, casting="unsafe")
+            np.subtract(totals, 1, out=part.seqlens_k, casting="unsafe")
         self._total[()] = longest
+        binding = part.binding
         if bound is not None and self._host:
-            if self._bound != bound:
-                ids_value, visual_value = self._step_values[bound]
-                self.binding.bind_ortvalue_input(self._names["input_ids"], ids_value)
+            if part.bound != bound:
+                ids_value, visual_value = part.step_values[bound]
+                binding.bind_ortvalue_input(self._names["input_ids"], ids_value)
                 if self._visual_name is not None:
-                    self.binding.bind_ortvalue_input(self._visual_name, visual_value)
-                self._bound = bound
+                    binding.bind_ortvalue_input(self._visual_name, visual_value)
+                part.bound = bound
         else:
-            self.binding.bind_cpu_input(self._names["input_ids"], np.ascontiguousarray(ids, dtype=np.int64))
+            binding.bind_cpu_input(self._names["input_ids"], np.ascontiguousarray(ids, dtype=np.int64))
             if self._visual_name is not None:
-                self.binding.bind_cpu_input(self._visual_name, self._no_visual if visual is None
-                                            else np.ascontiguousarray(visual, dtype=np.float32))
-            self._bound = None
+                binding.bind_cpu_input(self._visual_name, self._no_visual if visual is None
+                                       else np.ascontiguousarray(visual, dtype=np.float32))
+            part.bound = None
             if not self._host:
-                self.binding.bind_cpu_input(self._names["seqlens_k"], self._seqlens_k)
-                self.binding.bind_cpu_input(self._names["total_sequence_length"], self._total)
-        self.backend.run_bound(self.binding)
+                binding.bind_cpu_input(self._names["seqlens_k"], part.seqlens_k)
+                binding.bind_cpu_input(self._names["total_sequence_length"], self._total)
+        self.backend.run_bound(binding)
         if totals is None:
             lengths += 1
         else:
             lengths[:] = totals
-        self._longest = longest
+        if self._free.size:
+            # Free rows that ran wrote position 0 only: left empty, they never fill up.
+            self.cache.lengths[self._free] = 0
+        self._longest = longest if whole else int(self.cache.lengths.max())
         # Copies: the bound outputs are overwritten by the next call.
         if self._host:
-            return DecoderOutput(logits=self._logits_host.copy(),
-                                 regressed=None if self._regressed_host is None else self._regressed_host.copy())
-        return DecoderOutput(logits=self.logits.numpy().copy(),
-                             regressed=None if self.regressed is None else self.regressed.numpy().copy())
+            return DecoderOutput(logits=part.logits_host.copy(),
+                                 regressed=None if part.regressed_host is None else part.regressed_host.copy())
+        return DecoderOutput(logits=self.logits.numpy()[part.lo:part.hi].copy(),
+                             regressed=None if self.regressed is None
+                             else self.regressed.numpy()[part.lo:part.hi].copy())

@@ -164,8 +164,10 @@ class Sampler:
         self.groups = None if groups is None else [(np.random.default_rng(seed), rows) for seed, rows in groups]
 
     def __call__(self, logits: np.ndarray, history: list[list[int]],
-                 allowed: np.ndarray | None = None) -> np.ndarray:
-        """allowed: an optional bool mask ([V] or [B, V]); ids outside it are never picked."""
+                 allowed: np.ndarray | None = None, generators: list | None = None) -> np.ndarray:
+        """allowed: an optional bool mask ([V] or [B, V]); ids outside it are never picked.
+        generators: one numpy Generator per row, drawn from instead of the sampler's own
+        (rows that join and leave a batch, each keeping its own stream)."""
         logits = np.asarray(logits)
         if logits.ndim != 2 or logits.shape[1] == 0:
             raise ValueError(f"logits must have shape [batch, vocab], got {logits.shape}")
@@ -185,13 +187,17 @@ class Sampler:
         scores = apply_temperature(scores, config.temperature)
         scores = apply_top_k(scores, config.top_k)
         scores = apply_top_p(scores, config.top_p)
-        return self._draw(_softmax(scores))
+        return self._draw(_softmax(scores), generators)
 
-    def _draw(self, probs: np.ndarray) -> np.ndarray:
+    def _draw(self, probs: np.ndarray, generators: list | None = None) -> np.ndarray:
         # inverse-CDF draw, one uniform per row: the first token whose cumulative
         # probability exceeds u; zero-probability tokens can never be that first one
         cumulative = np.cumsum(probs, axis=-1)
-        if self.groups is None:
+        if generators is not None:
+            if len(generators) != probs.shape[0]:
+                raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
+            u = np.concatenate([rng.random(1) for rng in generators])
+        elif self.groups is None:
             u = self.rng.random(probs.shape[0])
         else:
             u = np.concatenate([rng.random(rows) for rng, rows in self.groups])

@@ -38,13 +38,13 @@ def decode_step(session: DecoderSession, tokens: np.ndarray) -> DecoderOutput:
 
 
 def sample(sampler: Sampler, logits: np.ndarray, histories: list[list[int]], banned: list[int],
-           allowed: np.ndarray | None = None) -> np.ndarray:
+           allowed: np.ndarray | None = None, generators: list | None = None) -> np.ndarray:
     """The next token of every row. Banned ids (a visual placeholder, which a text step
     cannot supply an embedding for) are never sampled; with `allowed` (a bool mask), only
-    the ids it allows are (Emu3's image rows)."""
+    the ids it allows are (Emu3's image rows). generators: one per row (Sampler)."""
     for token in banned:
         logits[:, token] = -np.inf  # one id at a time: a fancy-indexed write costs 4x as much
-    return sampler(logits, histories, allowed)
+    return sampler(logits, histories, allowed, generators)
 
 
 def loop(session: DecoderSession, out: DecoderOutput, histories: list[list[int]], max_new_tokens: int,

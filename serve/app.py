@@ -1,18 +1,22 @@
 """The server: OpenAI's routes on LitServe, in front of one inference worker.
 
     HTTP process (uvicorn)                         inference worker
-    EmuSpec routes: check the key, parse and  ──►  EmuAPI.predict: a batch of jobs (up to
-    check the body (serve/requests.py), queue      --max-batch, gathered for --batch-timeout)
-    the job, read its events, answer / stream ◄──  -> Engine events, one per job per step
+    EmuSpec routes: check the key, parse and  ──►  StepLoop: jobs go to the engine's step
+    check the body (serve/requests.py), queue      scheduler at step boundaries (text rows
+    the job, read its events, answer / stream ◄──  join the running decode), each event
+                                                   back as soon as its step ends
 
     POST /v1/chat/completions    text and image_url parts, stream, usage, finish_reason
     POST /v1/images/generations  prompt, n, size, b64_json (+ seed, guidance, steps)
     POST /v1/images/edits        multipart: image(s) + prompt (families that edit)
     GET  /v1/models, /v1/models/{id}, /metrics (Prometheus); LitServe's /health
 
-A bad request is refused in the HTTP process with a 4xx before it is queued; what only
-the model can tell (a prompt longer than the context) comes back as that job's own error
-event, so its batch neighbours never see it.
+The routes (OpenAIRoutes) know nothing of LitServe: EmuSpec queues through LitServe's
+request queue, serve/ray_app.py through an engine in its own replica. A bad request is
+refused in the HTTP process with a 4xx before it is queued; what only the model can tell
+(a prompt longer than the context) comes back as that job's own error event, so the
+other requests never see it. A client that hangs up cancels its job: its row is freed at
+the next step boundary.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import queue
+import threading
 import time
 import uuid
 from collections import deque
@@ -27,10 +33,12 @@ from collections import deque
 import litserve as ls
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from litserve.loops.base import LitLoop
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
-from emu_edge.serve.requests import (Limits, RequestError, check_model, decode_image, parse_chat,
+from emu_edge.serve.engine import STOP, drive, is_last
+from emu_edge.serve.requests import (Cancel, Limits, RequestError, check_model, decode_image, parse_chat,
                                      parse_image_generation)
 
 GENERIC_ID = "emu-edge"
@@ -46,7 +54,7 @@ class Metrics:
         self.requests = Counter("emu_edge_requests", "Requests answered, by route and status", ["route", "status"],
                                 registry=r)
         self.queue_depth = Gauge("emu_edge_queue_depth", "Requests queued or running", registry=r)
-        self.batch_size = Histogram("emu_edge_batch_size", "Rows in the decode a request ran in",
+        self.batch_size = Histogram("emu_edge_batch_size", "The most rows a request shared a step (or image call) with",
                                     buckets=(1, 2, 3, 4, 6, 8, 16), registry=r)
         self.tokens = Counter("emu_edge_generated_tokens", "Tokens generated", registry=r)
         self.tokens_per_second = Gauge("emu_edge_tokens_per_second",
@@ -62,35 +70,27 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class EmuSpec(LitSpec):
-    def __init__(self, model_ids: list[str], limits: Limits, api_key: str | None = None, max_queue: int = 64):
-        super().__init__()
-        self.api_path = "/v1/chat/completions"
+class OpenAIRoutes:
+    """OpenAI's routes over a queue of jobs. A subclass says how a job reaches an engine
+    (_enqueue: -> its events, an async iterator) and how a job is called off (_cancel)."""
+
+    ROUTES = (("/v1/chat/completions", "chat", ["POST"]), ("/v1/images/generations", "images", ["POST"]),
+              ("/v1/images/edits", "edits", ["POST"]), ("/v1/models", "models", ["GET"]),
+              ("/v1/models/{model}", "model", ["GET"]), ("/metrics", "metrics_route", ["GET"]))
+
+    def __init__(self, model_ids: list[str], limits: Limits, api_key: str | None = None, max_queue: int = 64,
+                 replica: str | None = None):
         self.model_ids, self.limits, self.api_key, self.max_queue = model_ids, limits, api_key, max_queue
+        self.replica = replica   # sent as x-emu-edge-replica where several serve one address
         self.created = int(time.time())
         self.in_flight = 0
         self._metrics: Metrics | None = None
-        self.add_endpoint("/v1/chat/completions", self.chat, ["POST"])
-        self.add_endpoint("/v1/images/generations", self.images, ["POST"])
-        self.add_endpoint("/v1/images/edits", self.edits, ["POST"])
-        self.add_endpoint("/v1/models", self.models, ["GET"])
-        self.add_endpoint("/v1/models/{model}", self.model, ["GET"])
-        self.add_endpoint("/metrics", self.metrics_route, ["GET"])
-
-    @property
-    def stream(self):
-        return True
 
     @property
     def metrics(self) -> Metrics:
         if self._metrics is None:
             self._metrics = Metrics()
         return self._metrics
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_metrics"] = None   # made again in the process that serves
-        return state
 
     # -- routes ----------------------------------------------------------------------------
 
@@ -124,6 +124,8 @@ class EmuSpec(LitSpec):
             response = JSONResponse(e.body(), status_code=e.status)
         if not isinstance(response, StreamingResponse):   # a stream counts itself when it ends
             self._count(name, response.status_code, start)
+        if self.replica is not None:
+            response.headers["x-emu-edge-replica"] = self.replica
         return response
 
     def _count(self, route: str, status: int, start: float) -> None:
@@ -270,16 +272,60 @@ class EmuSpec(LitSpec):
             raise RequestError(429, f"the server is busy: {self.in_flight} requests are queued or running (at most "
                                     f"{self.max_queue}); retry shortly")
         uid = str(uuid.uuid4())
-        queue, ready = deque(), asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=ready)
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
-        return self._events(uid, queue, ready)
+        return self._events(uid, self._enqueue(uid, job))
 
-    async def _events(self, uid: str, queue: deque, ready: asyncio.Event):
+    async def _events(self, uid: str, events):
+        ended = False
         try:
-            async for data, status in self.data_streamer(queue, ready, send_status=True):
+            async for event in events:
+                ended = is_last(event)
+                yield event
+                if ended:
+                    return
+        finally:
+            await events.aclose()
+            if not ended:   # the client has gone (or the route stopped reading): free its row
+                self._cancel(uid)
+            self.in_flight -= 1
+            self.metrics.queue_depth.set(self.in_flight)
+
+    def _enqueue(self, uid: str, job):
+        raise NotImplementedError
+
+    def _cancel(self, uid: str) -> None:
+        raise NotImplementedError
+
+
+class EmuSpec(OpenAIRoutes, LitSpec):
+    """The routes on LitServe: jobs through its request queue to the inference worker."""
+
+    def __init__(self, model_ids: list[str], limits: Limits, api_key: str | None = None, max_queue: int = 64):
+        LitSpec.__init__(self)
+        OpenAIRoutes.__init__(self, model_ids, limits, api_key, max_queue)
+        self.api_path = "/v1/chat/completions"
+        for path, name, methods in self.ROUTES:
+            self.add_endpoint(path, getattr(self, name), methods)
+
+    @property
+    def stream(self):
+        return True
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_metrics"] = None   # made again in the process that serves
+        return state
+
+    def _enqueue(self, uid: str, job):
+        buffer, ready = deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(response_queue=buffer, event=ready)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
+        return self._worker_events(uid, buffer, ready)
+
+    async def _worker_events(self, uid: str, buffer: deque, ready: asyncio.Event):
+        try:
+            async for data, status in self.data_streamer(buffer, ready, send_status=True):
                 if status == LitAPIStatus.ERROR:
                     code = getattr(data, "status_code", 500)
                     message = getattr(data, "detail", None) or "the inference worker failed on this request"
@@ -289,8 +335,9 @@ class EmuSpec(LitSpec):
                     yield json.loads(data)
         finally:
             self.response_buffer.pop(uid, None)
-            self.in_flight -= 1
-            self.metrics.queue_depth.set(self.in_flight)
+
+    def _cancel(self, uid: str) -> None:
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), Cancel()))
 
     def decode_request(self, request, context_kwargs=None):
         return request
@@ -299,35 +346,62 @@ class EmuSpec(LitSpec):
         return output
 
 
-class EmuAPI(ls.LitAPI):
-    """The inference worker: loads the bundle once, runs batches of jobs."""
+class StepLoop(LitLoop):
+    """The inference worker's loop: jobs from LitServe's request queue go to the engine at
+    step boundaries (serve.engine.drive), and each event goes back to its request as soon
+    as its step ends. A reader thread turns the queue into drive's inbox."""
 
-    def __init__(self, bundle: str, threads: int | None, spec: EmuSpec, max_batch: int, batch_timeout: float):
-        super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout, spec=spec)
-        self.bundle, self.threads = bundle, threads
+    def __call__(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status,
+                 callback_runner):
+        inbox: queue.Queue = queue.Queue()
+        streams: dict[str, int] = {}   # uid -> the HTTP process's response queue
+
+        def read() -> None:
+            while True:
+                try:
+                    item = request_queue.get()
+                except (EOFError, OSError):   # the server's manager has gone
+                    item = None
+                if item is None or item[1] is None:   # LitServe's stop sentinel
+                    inbox.put(STOP)
+                    return
+                response_queue_id, uid, _, job = item
+                if isinstance(job, Cancel):
+                    inbox.put(("cancel", uid))
+                else:
+                    streams[uid] = response_queue_id
+                    inbox.put(("job", uid, job))
+
+        def deliver(uid: str, event: dict) -> None:
+            response_queue_id = streams.get(uid)
+            if response_queue_id is None:
+                return
+            self.put_response(transport, response_queue_id, uid, json.dumps(event), LitAPIStatus.OK,
+                              LoopResponseType.STREAMING)
+            if is_last(event):
+                del streams[uid]
+                self.put_response(transport, response_queue_id, uid, "", LitAPIStatus.FINISH_STREAMING,
+                                  LoopResponseType.STREAMING)
+
+        threading.Thread(target=read, name="emu-edge-requests", daemon=True).start()
+        drive(lit_api.engine, inbox, deliver, lit_api.batch_timeout)
+
+
+class EmuAPI(ls.LitAPI):
+    """The inference worker: loads the bundle once; StepLoop runs its engine."""
+
+    def __init__(self, bundle: str, threads: int | None, spec: EmuSpec, max_rows: int, batch_timeout: float):
+        super().__init__(batch_timeout=batch_timeout, spec=spec, loop=StepLoop())
+        self.bundle, self.threads, self.max_rows = bundle, threads, max_rows
 
     def setup(self, device):
         from emu_edge.runtime.pipeline import Pipeline
         from emu_edge.serve.engine import Engine
 
-        self.engine = Engine(Pipeline.load(self.bundle, threads=self.threads))
+        self.engine = Engine(Pipeline.load(self.bundle, threads=self.threads), self.max_rows)
 
-    def decode_request(self, request, **kwargs):
-        return request   # a job, parsed and checked in the HTTP process
-
-    def batch(self, jobs):
-        return list(jobs)
-
-    def predict(self, jobs, **kwargs):
-        single = not isinstance(jobs, list)   # --max-batch 1: LitServe hands one job
-        for events in self.engine.run([jobs] if single else jobs):
-            yield events[0] if single else events
-
-    def unbatch(self, output):
-        return output
-
-    def encode_response(self, output, **kwargs):
-        yield from output
+    def predict(self, x, **kwargs):
+        raise NotImplementedError("StepLoop runs the engine; LitServe's own loops are not used")
 
 
 def _usage(done: dict) -> dict:

@@ -72,6 +72,11 @@ class ImageJob:
     deadline: float = math.inf
 
 
+@dataclass
+class Cancel:
+    """Queued after a job whose client has gone: the engine drops the job."""
+
+
 def check_model(body: dict, model_ids: list[str]) -> None:
     model = body.get("model")
     if model is not None and model not in model_ids:

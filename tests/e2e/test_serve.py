@@ -29,6 +29,7 @@ openai = pytest.importorskip("openai")
 from tiny_models import make_emu3_bundle  # noqa: E402
 from emu_edge.runtime.pipeline import Pipeline  # noqa: E402
 from emu_edge.runtime.sampling import Sampler  # noqa: E402
+from emu_edge.serve.cli import session_processes, wait_until_serving  # noqa: E402
 
 KEY = "test-key-123"
 
@@ -44,18 +45,9 @@ class Server:
             [sys.executable, "-m", "emu_edge.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
              "--threads", "1", "--stop-after", "400", *options],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise RuntimeError(f"the server did not start: {self.process.stdout.read()}")
-            time.sleep(0.3)
+        if not wait_until_serving(self.url, self.process, 90):
+            self.process.kill()
+            raise RuntimeError(f"the server did not start: {self.process.stdout.read()}")
 
     def client(self, api_key: str = "none", **kwargs):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
@@ -81,25 +73,11 @@ class Server:
         try:
             self.process.wait(timeout=30)
         finally:
-            left = _group_members(self.process.pid)
+            time.sleep(1.0)
+            left = session_processes(self.process.pid)
             if left:
                 os.killpg(self.process.pid, signal.SIGKILL)
         assert not left, f"processes left after SIGTERM: {left}"
-
-
-def _group_members(pgid: int) -> list[int]:
-    time.sleep(1.0)
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry))
-    return members
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:
@@ -184,6 +162,42 @@ def test_chat_equals_the_python_api_alone_batched_and_streamed(emu2):
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == want[1]
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_requests_sent_while_a_long_answer_streams_join_it(emu2):
+    """A caption and a sampled VQA sent while a 400-token answer streams join its decode
+    (the batch-size metric counts rows that shared steps) and finish while it goes on;
+    all three are what each gets alone."""
+    server, pipe = emu2
+    client = server.client()
+    image = shapes(2)[1]
+    long_want = pipe.generate_text("a red circle", max_new_tokens=400)
+    caption_want = pipe.generate_text([image])
+    vqa_want = pipe.generate_text([image, "what colour is it?"], temperature=0.8, seed=5, do_sample=True)
+    count, rows = server.metric("emu_edge_batch_size_count"), server.metric("emu_edge_batch_size_sum")
+    stream = client.chat.completions.create(model="emu-edge", messages=[{"role": "user", "content": "a red circle"}],
+                                            max_tokens=400, stream=True)
+    pieces = []
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "")
+        if "".join(pieces).strip():
+            break   # the long answer has started
+    results = {}
+    asks = {"caption": dict(messages=image_message(image)),
+            "vqa": dict(messages=image_message(image, "what colour is it?"), temperature=0.8, seed=5)}
+    threads = [threading.Thread(target=lambda name=name, kw=kw: results.__setitem__(
+        name, client.chat.completions.create(model="emu-edge", **kw))) for name, kw in asks.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pieces += [chunk.choices[0].delta.content or "" for chunk in stream]
+    assert results["caption"].choices[0].message.content == caption_want
+    assert results["vqa"].choices[0].message.content == vqa_want
+    assert "".join(pieces).strip() == long_want
+    assert server.metric("emu_edge_batch_size_count") - count == 3
+    # each of the three shared decode steps with another: more rows than requests
+    assert server.metric("emu_edge_batch_size_sum") - rows >= 6
 
 
 def test_max_tokens_ends_with_length_and_multi_turn_is_one_prompt(emu2):
@@ -383,9 +397,10 @@ def test_a_bad_job_in_a_batch_leaves_its_neighbours_alone(tiny_bundle):
 
 
 def test_sampled_and_image_jobs_batched_get_what_each_gets_alone(tiny_bundle):
-    """Sampled answers with their own seeds share one decode, and image requests of the
-    same settings one call: each gets what the Python API gives it alone."""
-    from emu_edge.serve.engine import Engine, batch_groups
+    """Sampled answers with their own seeds share decode steps, and image requests of the
+    same settings one call (on the image thread, while the text rows step): each gets
+    what the Python API gives it alone."""
+    from emu_edge.serve.engine import Engine
     from emu_edge.serve.requests import ImageJob, TextJob
 
     pipe = Pipeline.load(tiny_bundle, threads=1)
@@ -394,9 +409,8 @@ def test_sampled_and_image_jobs_batched_get_what_each_gets_alone(tiny_bundle):
             ImageJob(prompt="a red circle", n=2, steps=3, seed=3),
             TextJob(turns=[(["a blue square"], None)], sampling={**sampling, "seed": 2}, max_tokens=6),
             ImageJob(prompt="a blue square", n=1, steps=3, seed=4)]
-    assert batch_groups(jobs) == [("text", [0, 2]), ("image", [1, 3])]
     got = [dict(text="") for _ in jobs]
-    for events in Engine(pipe).run(jobs):
+    for events in Engine(pipe, max_rows=4).run(jobs):
         for i, event in enumerate(events):
             if event is not None:
                 got[i]["text"] += event.get("text", "")
@@ -409,3 +423,83 @@ def test_sampled_and_image_jobs_batched_get_what_each_gets_alone(tiny_bundle):
         assert len(got[i]["images"]) == n and got[i]["done"]["batch"] == 3
         for b64, image in zip(got[i]["images"], want):
             np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), np.asarray(image))
+
+
+def test_requests_joining_a_running_batch_get_what_each_gets_alone(shipped_bundle):
+    """Continuous batching: requests submitted at staggered steps join the running decode
+    (3 rows: the fourth and later wait for a free row), leave when done, and each streams
+    exactly what generate_text gives it alone: captions, VQA, a text prompt, sampled ones
+    with their seeds, a stop string, max_tokens. A cancelled request frees its row."""
+    from emu_edge.serve.engine import Engine, is_last
+    from emu_edge.serve.requests import TextJob
+
+    pipe = Pipeline.load(shipped_bundle, threads=1)
+    images = shapes(5)
+    sampled = {"do_sample": True, "temperature": 1.0, "top_p": 0.9}
+    # (submitted at step, items, sampling, max_tokens, stop)
+    plan = [(0, ["a red circle"], {}, 40, None), (0, [images[0]], {}, None, None),
+            (2, [images[1], "what colour is the shape?"], {}, None, None),
+            (3, ["a blue square"], {**sampled, "seed": 4}, 24, None), (5, [images[2]], {**sampled, "seed": 9}, None,
+                                                                       None),
+            (5, [images[3], "what shape is it?"], {}, None, None), (11, ["a green circle"], {}, 30, ["large"]),
+            (12, [images[4]], {}, 3, None)]
+    want = [pipe.generate_text(items, max_new_tokens=limit, stop=stop, **sampling)
+            for _, items, sampling, limit, stop in plan]
+    engine = Engine(pipe, max_rows=3)
+    texts, done, joined_busy = [""] * len(plan), {}, set()
+    engine.submit("cancelled", TextJob(turns=[(["a red square"], None)], max_tokens=200))
+    for step in range(400):
+        for i, (at, items, sampling, limit, stop) in enumerate(plan):
+            if at == step:
+                engine.submit(i, TextJob(turns=[(items, None)], sampling=sampling, max_tokens=limit, stop=stop))
+        if step == 4:
+            engine.cancel("cancelled")
+        before = {row.key: row.count for row in engine.rows if row is not None}
+        for key, event in engine.step():
+            if key == "cancelled":
+                assert step < 4 and not is_last(event)
+                continue
+            texts[key] += event.get("text", "")
+            if is_last(event):
+                done[key] = event
+        # a request that took a row while another was mid-answer
+        joined_busy |= {row.key for row in engine.rows if row is not None and row.key not in before
+                        and any(count > 0 for count in before.values())}
+        if len(done) == len(plan) and not engine.busy:
+            break
+    assert [t.strip() for t in texts] == want
+    assert all("error" not in event for event in done.values())
+    assert done[6]["done"]["finish_reason"] == "stop" and done[7]["done"]["completion_tokens"] == 3
+    assert len(joined_busy) >= 4 and "cancelled" not in done
+    assert all(row is None for row in engine.rows) and engine.session.lengths.max() == 0
+
+
+def test_a_row_that_fails_to_sample_ends_alone(tiny_bundle):
+    """A decode step whose logits turn NaN for one request's row: that request answers
+    500 and its row is freed; the other, of other settings, goes on to its solo answer."""
+    from emu_edge.serve.engine import Engine, is_last
+    from emu_edge.serve.requests import TextJob
+
+    pipe = Pipeline.load(tiny_bundle, threads=1)
+    engine = Engine(pipe, max_rows=2)
+    step = engine.session.step
+
+    def poisoned(tokens, check=True, rows=None):
+        out = step(tokens, check, rows)
+        out.logits[0] = np.nan
+        return out
+
+    engine.session.step = poisoned
+    sampling = {"do_sample": True, "temperature": 0.9, "seed": 3}
+    jobs = [TextJob(turns=[(["a red circle"], None)], max_tokens=8),
+            TextJob(turns=[(["a blue square"], None)], sampling=sampling, max_tokens=8)]
+    last, text = {}, ""
+    for events in engine.run(jobs):
+        for i, event in enumerate(events):
+            if event is not None:
+                text += event.get("text", "") if i == 1 else ""
+                if is_last(event):
+                    last[i] = event
+    assert last[0]["error"]["status"] == 500 and "NaN" in last[0]["error"]["message"]
+    assert text.strip() == pipe.generate_text("a blue square", max_new_tokens=8, **sampling)
+    assert last[1]["done"]["completion_tokens"] <= 8 and all(row is None for row in engine.rows)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from emu_edge.runtime.bundle import Bundle, BundleError
 from emu_edge.runtime.decoder import ContextTooLongError, DecoderError, KVCache
 from emu_edge.runtime.manifest import KVSpec
 from emu_edge.runtime.pipeline import Pipeline
+from emu_edge.runtime.sampling import Sampler, SamplingConfig
 
 NEW_TOKENS = 64
 EXPORTS = [(p, "auto") for p in LLM_PRESETS] + [("gqa", "standard")]
@@ -153,6 +155,89 @@ def test_batched_continuation_matches_each_row_alone(attention, bundles):
     for b in range(2):
         alone = pipe.session(1).prefill([firsts[b] + seconds[b]]).logits[0]
         np.testing.assert_allclose(continued[b], alone, rtol=0, atol=1e-4 * np.abs(alone).max())
+
+
+def _alone(pipe, prompt: list[int], steps: int, config: SamplingConfig) -> tuple[list[int], list[np.ndarray]]:
+    """A prompt's tokens and the logits they were drawn from, in a session of its own."""
+    session, sampler = pipe.session(1), Sampler(config)
+    out, tokens, logits = session.prefill([prompt]), [], []
+    for _ in range(steps):
+        logits.append(out.logits[0].copy())
+        tokens.append(int(sampler(out.logits, [prompt + tokens])[0]))
+        out = session.step([tokens[-1]])
+    return tokens, logits
+
+
+@pytest.mark.parametrize("attention", ["auto", "standard"])
+def test_rows_joining_and_leaving_a_running_batch_match_each_alone(attention, bundles):
+    """Prompts prefilled one at a time into free rows of a running 3-row session
+    (prefill_row) while the others decode, stepped together over the first k rows, and
+    freed when done (free_row; a free row below a busy one runs empty): each row's logits
+    and tokens, greedy and sampled by seed, are what it gets alone."""
+    pipe = Pipeline.load(bundles("gqa", attention))
+    rng = np.random.default_rng(12)
+    sampled = SamplingConfig(do_sample=True, temperature=1.3, top_k=40)
+    # (joins at step, prompt, tokens, seed or None for greedy)
+    plan = [(0, rng.integers(3, 256, 9).tolist(), 6, None), (0, rng.integers(3, 256, 4).tolist(), 20, 7),
+            (2, rng.integers(3, 256, 15).tolist(), 12, None), (7, rng.integers(3, 256, 6).tolist(), 10, 8),
+            (9, rng.integers(3, 256, 2).tolist(), 8, None)]
+    alone = [_alone(pipe, prompt, n, SamplingConfig() if seed is None else replace(sampled, seed=seed))
+             for _, prompt, n, seed in plan]
+    session = pipe.session(3)
+    samplers = {None: Sampler(), "seeded": Sampler(sampled)}
+    rows: dict[int, dict] = {}      # slot -> the request in it
+    got: dict[int, list[int]] = {}
+    widths, holes_run = [], 0
+    for step in range(60):
+        for r, (at, prompt, n, seed) in enumerate(plan):
+            if at <= step and r not in got and len(rows) < 3:
+                slot = min(set(range(3)) - set(rows))
+                out = session.prefill_row(slot, prompt)
+                assert out.logits.shape == (1, pipe.manifest.model.vocab_size)
+                rows[slot] = {"r": r, "logits": out.logits[0], "generator": None if seed is None else
+                              np.random.default_rng(seed)}
+                got[r] = []
+        if not rows and len(got) == len(plan):
+            break
+        for slot, row in sorted(rows.items()):
+            r = row["r"]
+            np.testing.assert_allclose(row["logits"], alone[r][1][len(got[r])], rtol=0,
+                                       atol=1e-5 * np.abs(alone[r][1][len(got[r])]).max())
+            generators = None if row["generator"] is None else [row["generator"]]
+            sampler = samplers[None if generators is None else "seeded"]
+            got[r].append(int(sampler(row["logits"][None].copy(), [plan[r][1] + got[r]], None, generators)[0]))
+        for slot in [s for s, row in rows.items() if len(got[row["r"]]) == plan[row["r"]][2]]:
+            del rows[slot]
+            session.free_row(slot)
+        if rows:
+            k = max(rows) + 1
+            holes_run += k - len(rows)
+            widths.append(k)
+            tokens = np.zeros(k, np.int64)
+            for slot, row in rows.items():
+                tokens[slot] = got[row["r"]][-1]
+            out = session.step(tokens, rows=k)
+            for slot, row in rows.items():
+                row["logits"] = out.logits[slot]
+            assert all(session.lengths[slot] == 0 for slot in range(3) if slot not in rows)   # free rows stay empty
+    assert [got[r] for r in range(len(plan))] == [tokens for tokens, _ in alone]
+    # the plan does what it says: narrower steps than the session, and a free row run empty
+    assert min(widths) < 3 and max(widths) == 3 and holes_run > 0
+
+
+def test_row_verbs_refuse_what_they_cannot_do(bundles):
+    pipe = Pipeline.load(bundles("gqa"), max_length=40)
+    session = pipe.session(2)
+    with pytest.raises(DecoderError, match="not one of this session's 2 rows"):
+        session.prefill_row(2, [5, 6])
+    with pytest.raises(DecoderError, match="rows must be in 1..2"):
+        session.step([5, 6, 7], rows=3)
+    with pytest.raises(ContextTooLongError, match="max_length 40"):
+        session.prefill_row(1, list(range(3, 50)))
+    session.prefill_row(0, [5, 6, 7])
+    with pytest.raises(DecoderError, match=r"one token id per row \(1\)"):
+        session.step([5, 6], rows=1)
+    assert session.lengths.tolist()[0] == 3
 
 
 def test_generate_text_and_sampling(bundles):
@@ -327,6 +412,7 @@ import sys
 sys.modules["torch"] = None  # any import of torch now raises ImportError
 import emu_edge.runtime
 from emu_edge.runtime.pipeline import Pipeline
+from emu_edge.runtime.sampling import Sampler, SamplingConfig
 ids = Pipeline.load({str(path)!r}).generate_ids([1, 7, 99, 4], 12, ignore_eos=True)
 heavy = sorted(m for m in ("transformers", "onnx", "diffusers", "safetensors") if m in sys.modules)
 print(ids, heavy)
