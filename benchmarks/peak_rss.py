@@ -27,7 +27,7 @@ def _rss_mb(field: str) -> float:
 
 
 def _peer(spec: dict):
-    from benchmarks import peers
+    from . import peers
 
     if spec["peer"] == "ours":
         pipe = peers.load_pipeline(Path(spec["bundle"]), spec["threads"], spec["max_length"])
