@@ -244,9 +244,9 @@ class DecoderSession:
         ids = np.asarray(rows, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != self.batch or ids.shape[1] < 1:
             raise DecoderError(f"extend() takes [{self.batch}, S >= 1] token ids, got shape {list(ids.shape)}")
-        self._check_visual(ids, visual)
         if self._longest == 0:
-            return self.prefill(ids.tolist(), visual)
+            return self.prefill(ids.tolist(), visual)   # which checks the visual embeddings
+        self._check_visual(ids, visual)
         steps = ids.shape[1]
         self._check_room(self.cache.lengths + steps)
         if steps > 1 and self.batch > 1:
@@ -327,9 +327,9 @@ class DecoderSession:
         if visual is None:
             return [None] * ids.shape[1]
         # Placeholders are numbered row-major; column s takes those in column s.
-        order = np.cumsum((ids == self.placeholder).reshape(-1)).reshape(ids.shape) - 1
-        return [visual[order[:, s][ids[:, s] == self.placeholder]] if (ids[:, s] == self.placeholder).any()
-                else None for s in range(ids.shape[1])]
+        is_image = ids == self.placeholder
+        order = np.cumsum(is_image.reshape(-1)).reshape(ids.shape) - 1
+        return [visual[order[is_image[:, s], s]] if is_image[:, s].any() else None for s in range(ids.shape[1])]
 
     def _rows(self, lo: int, hi: int) -> _Rows:
         """Rows [lo, hi) as a batch of their own: a binding over that part of every buffer,
