@@ -280,10 +280,11 @@ def weight_only(model: onnx.ModelProto, bits: int, settings: QuantizeSettings, e
         return quantizer.model.model
 
     heads = [h for h in heads if h not in exclude] if bits == 4 else []
-    out = run(copy.deepcopy(model), bits, list(exclude) + heads + input_projections(model))
+    kept_float = input_projections(model)
+    out = run(copy.deepcopy(model), bits, list(exclude) + heads + kept_float)
     if heads:
-        others = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in heads] + \
-            input_projections(model)
+        # The second pass gives the heads 8 bits; every other MatMul left is one kept float.
+        others = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in heads]
         out = run(out, 8, others)
     return _fix_versions(out, model)
 
