@@ -172,7 +172,8 @@ def train_decoder(cfg: Emu3Config, out: str | Path, resume: bool = False, overwr
         optimizer.zero_grad(set_to_none=True)
         loss, parts = 0.0, {"text": [], "image": []}
         for chunk in length_chunks(seqs, cfg.text_chunks):
-            chunk_loss, chunk_parts = loss_module(*collate(chunk, ids.pad), n_global=len(seqs))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                chunk_loss, chunk_parts = loss_module(*collate(chunk, ids.pad), n_global=len(seqs))
             chunk_loss.backward()
             loss = loss + float(chunk_loss.detach())
             for k, v in chunk_parts.items():

@@ -207,3 +207,26 @@ def test_the_decoder_stage_over_a_finished_stage_0_needs_resume(stage0, tmp_path
     with pytest.raises(SystemExit) as e:
         main(["train", "--family", "emu3", "--preset", "tiny", "--stages", "1", "--out", str(run)])
     assert "--resume" in str(e.value)
+
+
+def test_shipped_folder_is_scored_through_its_bundle_and_a_rerun_agrees(tiny_emu3, tmp_path):
+    from emu_edge.training.ship import ship_emu3
+
+    shipped = ship_emu3(tiny_emu3, tmp_path / "shipped", generation={"guidance_scale": 2.0, "top_k": 4})
+    assert json.loads((shipped / "generation_config.json").read_text())["top_k"] == 4
+    first = tmp_path / "eval.json"
+    assert main(["eval", str(shipped), "--family", "emu3", "--scale", "0.02", "--json", str(first)]) == 0
+    metrics = json.loads(first.read_text())
+    for key in ("caption_accuracy", "vqa_accuracy", "digit_accuracy", "t2i_attribute_accuracy",
+                "t2i_shuffled_baseline", "reconstruction_accuracy", "autoencode_similarity", "judge_accuracy"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["generation"]["guidance"] == 2.0 and metrics["generation"]["top_k"] == 4
+    assert metrics["samples"]["text_to_image"] == 4 and metrics["image_size"] == 32
+    # The figures do not depend on what else runs, and a rerun reproduces them.
+    again = tmp_path / "again.json"
+    assert main(["eval", str(shipped), "--family", "emu3", "--scale", "0.02", "--only",
+                 "text_to_image,reconstruction", "--json", str(again)]) == 0
+    rerun = json.loads(again.read_text())
+    for key in ("t2i_attribute_accuracy", "t2i_shuffled_baseline", "reconstruction_accuracy", "autoencode_similarity"):
+        assert rerun[key] == metrics[key], key
+    assert rerun["breakdown"]["t2i"] == metrics["breakdown"]["t2i"]

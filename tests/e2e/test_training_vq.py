@@ -133,7 +133,7 @@ def test_eval_scores_the_reconstructions(tiny_vq, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stages", "0,1"], "one stage so far"),
+    (["--stages", "0,2"], "emu3's stages are 0 (the VQ-VAE) and 1 (the decoder)"),
     (["--mix", "vqa=1"], "--mix is for the emu2 stages"),
     (["--preset", "huge"], "presets: tiny, small"),
     (["--resume"], "nothing to resume"),
