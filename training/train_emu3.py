@@ -221,9 +221,10 @@ def generation_config(cfg: Emu3Config, ids: TokenIds):
     from transformers import GenerationConfig
 
     # negative_prompt: the prompt the unconditional branch was trained on (the runtime reads it).
-    return GenerationConfig(bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad,
-                            do_sample=cfg.top_k != 1, top_k=cfg.top_k, guidance_scale=cfg.guidance_scale,
-                            max_new_tokens=cfg.max_new_tokens, negative_prompt="")
+    # top_k 1 is greedy: transformers refuses to save a top_k without sampling.
+    sampling = {"do_sample": True, "top_k": cfg.top_k} if cfg.top_k != 1 else {"do_sample": False}
+    return GenerationConfig(bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, **sampling,
+                            guidance_scale=cfg.guidance_scale, max_new_tokens=cfg.max_new_tokens, negative_prompt="")
 
 
 def save_folder(model, tok, processor, cfg: Emu3Config, out: Path, dtype=torch.float32) -> Path:
