@@ -156,8 +156,9 @@ def train_decoder(cfg: Emu3Config, out: str | Path, resume: bool = False, overwr
         tok.save(str(out / "tokenizer.json"))
         (out / CONFIG_FILE).write_text(cfg.dumps())
         text = sum(p.numel() for n, p in loss_module.model.named_parameters() if "vqmodel" not in n)
-        log(f"decoder: {text / 1e6:.2f}M parameters (VQ-VAE {sum(p.numel() for p in vq.parameters()) / 1e6:.2f}M, "
-            f"frozen); vocabulary {tok.get_vocab_size()}; {size} px images -> {size // vq.vision_spatial_factor}^2 codes")
+        frozen = sum(p.numel() for p in vq.parameters())
+        log(f"decoder: {text / 1e6:.2f}M parameters (VQ-VAE {frozen / 1e6:.2f}M, frozen); vocabulary "
+            f"{tok.get_vocab_size()}; {size} px images -> {size // vq.vision_spatial_factor}^2 codes")
     fmt = Emu3Format(tok, ids)
     codes = CodeCache(vq, processor)
 

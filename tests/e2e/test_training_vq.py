@@ -21,7 +21,8 @@ from emu_edge.training.vq import EMACodebook, decode, encode, image_processor, t
 @pytest.fixture(scope="module")
 def tiny_vq(tmp_path_factory):
     out = tmp_path_factory.mktemp("vq") / "run"
-    assert main(["train", "--family", "emu3", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", "--family", "emu3", "--preset", "tiny", "--stages", "0", "--out", str(out),
+                 "--no-progress"]) == 0
     return out
 
 
