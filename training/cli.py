@@ -129,6 +129,9 @@ def run_emu3(args: argparse.Namespace) -> int:
             cfg.lr = args.lr
         if args.seed is not None:
             cfg.seed = args.seed
+    if args.overwrite and "0" not in stages:
+        raise SystemExit("emu-edge train: --overwrite deletes the whole run, stage 0's vq/ and judge.onnx too; to train "
+                         "stage 1 afresh, copy a finished stage 0 into a new --out and pass --resume")
     out = Path(args.out)
     resume, progress = args.resume, not args.no_progress
     try:
@@ -142,8 +145,7 @@ def run_emu3(args: argparse.Namespace) -> int:
                 print(f"VQ-VAE written to {out / 'vq'}")
                 resume = True   # the folder now holds this run
         if "1" in stages:
-            train_decoder(configs["1"], out, resume=resume, overwrite=args.overwrite and "0" not in stages,
-                          progress=progress)
+            train_decoder(configs["1"], out, resume=resume, progress=progress)
             print(f"Emu3ForConditionalGeneration folder written to {out}")
     except ckpt.CheckpointError as e:
         raise SystemExit(f"emu-edge train: {e}")

@@ -195,6 +195,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(stage0, tmp_path):
     (["--stages", "1,0"], "stages are 0 (the VQ-VAE) and 1 (the decoder), in order"),
     (["--stages", "2"], "stages are 0"),
     (["--stages", "1", "--resume"], "run stage 0 first"),
+    (["--stages", "1", "--overwrite"], "stage 0's vq/ and judge.onnx too"),
 ])
 def test_bad_decoder_requests_are_refused(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:
