@@ -35,7 +35,10 @@ COMPONENTS = {"llm": ("transformers", "LlamaForCausalLM"), "vision": ("transform
 LATEST = "latest.json"
 # Everything a run writes into its folder; `train --overwrite` removes these and nothing else.
 RUN_FILES = (EMU_JSON, *COMPONENTS, "projections.safetensors", "tokenizer.json", "judge.onnx", "steps",
-             "metrics.jsonl", "train_config.json", "loss.png", "vq")
+             "metrics.jsonl", "train_config.json", "loss.png", "vq",
+             # emu3's decoder stage: the Emu3ForConditionalGeneration folder is the run folder
+             "decoder_config.json", "config.json", "model.safetensors", "generation_config.json",
+             "tokenizer_config.json", "processor_config.json")
 _STEP_NAME = re.compile(r"(\d+)-(\d+)")
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=("emu2", "emu3"), default="emu2",
-                        help="emu2 (continuous visual embeddings, U-Net) or emu3 (VQ codes; so far its stage 0, "
-                             "the VQ-VAE)")
+                        help="emu2 (continuous visual embeddings, U-Net) or emu3 (VQ codes: stage 0 the VQ-VAE, "
+                             "stage 1 the decoder)")
     parser.add_argument("--preset", default="small", help="tiny (tests) or small (the shipped default)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write (and to resume from)")
     parser.add_argument("--steps", type=int, help="optimizer steps per stage (default: the preset's)")
     parser.add_argument("--stages", help="comma-separated stages to run, in order (default: all of the family's: "
-                                         "emu2 0,1,2,3,4,5; emu3 0)")
+                                         "emu2 0,1,2,3,4,5; emu3 0,1)")
     parser.add_argument("--lr", type=float, help="peak learning rate of every stage run (default: the preset's, per stage)")
     parser.add_argument("--mix", metavar="TASK=W,...",
                         help="task weights replacing the stage's own mixture, e.g. vqa=0.6,chat=0.4 (one stage only; "
@@ -96,36 +97,56 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_emu3(args: argparse.Namespace) -> int:
-    """emu3's stages: so far stage 0, the VQ-VAE."""
-    from emu_edge.training.checkpoint import CheckpointError
-    from emu_edge.training.config import get_vq_preset
-    from emu_edge.training.train_vq import STAGE, train_vq
+    """emu3's stages: 0, the VQ-VAE; 1, the decoder over its codes (in the same --out)."""
+    import json
 
-    if args.stages is not None and [s.strip() for s in args.stages.split(",") if s.strip()] != [STAGE]:
-        raise SystemExit(f"emu-edge train: emu3 has one stage so far, {STAGE} (the VQ-VAE); pass --stages {STAGE} "
-                         "or leave --stages out")
+    from emu_edge.training import checkpoint as ckpt
+    from emu_edge.training.config import get_emu3_preset, get_vq_preset
+    from emu_edge.training.train_emu3 import train_decoder
+    from emu_edge.training.train_vq import train_vq
+
+    stages = [s.strip() for s in (args.stages or "0,1").split(",") if s.strip()]
+    if not stages or stages != sorted(set(stages)) or not set(stages) <= {"0", "1"}:
+        raise SystemExit(f"emu-edge train: emu3's stages are 0 (the VQ-VAE) and 1 (the decoder), in order; got "
+                         f"--stages {args.stages}")
     for flag, value in (("--mix", args.mix), ("--init-from", args.init_from)):
         if value is not None:
-            raise SystemExit(f"emu-edge train: {flag} is for the emu2 stages; the VQ-VAE stage trains on its "
-                             "preset's images from fresh weights")
+            raise SystemExit(f"emu-edge train: {flag} is for the emu2 stages; emu3's stages train on their "
+                             "preset's tasks from fresh weights")
     try:
-        cfg = get_vq_preset(args.preset)
+        configs = {"0": get_vq_preset(args.preset), "1": get_emu3_preset(args.preset)}
     except ValueError as e:
         raise SystemExit(f"emu-edge train: {e}")
-    for flag, value, name in (("--steps", args.steps, "steps"), ("--batch-size", args.batch_size, "batch_size")):
-        if value is not None:
-            if value < 1:
-                raise SystemExit(f"emu-edge train: {flag} must be >= 1")
-            setattr(cfg, name, value)
-    if args.lr is not None:
-        if not args.lr > 0:
-            raise SystemExit("emu-edge train: --lr must be > 0")
-        cfg.lr = args.lr
-    if args.seed is not None:
-        cfg.seed = args.seed
+    for cfg in configs.values():
+        for flag, value, name in (("--steps", args.steps, "steps"), ("--batch-size", args.batch_size, "batch_size")):
+            if value is not None:
+                if value < 1:
+                    raise SystemExit(f"emu-edge train: {flag} must be >= 1")
+                setattr(cfg, name, value)
+        if args.lr is not None:
+            if not args.lr > 0:
+                raise SystemExit("emu-edge train: --lr must be > 0")
+            cfg.lr = args.lr
+        if args.seed is not None:
+            cfg.seed = args.seed
+    if args.overwrite and "0" not in stages:
+        raise SystemExit("emu-edge train: --overwrite deletes the whole run, stage 0's vq/ and judge.onnx too; to train "
+                         "stage 1 afresh, copy a finished stage 0 into a new --out and pass --resume")
+    out = Path(args.out)
+    resume, progress = args.resume, not args.no_progress
     try:
-        out = train_vq(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except CheckpointError as e:
+        if "0" in stages:
+            latest = ckpt.latest_step(out) if resume else None
+            reached = json.loads((latest / "state.json").read_text()).get("stage") if latest else None
+            if reached == "1":
+                print(f"--resume: {out} is past stage 0 (its decoder stage has begun)")
+            else:
+                train_vq(configs["0"], out, resume=resume, overwrite=args.overwrite, progress=progress)
+                print(f"VQ-VAE written to {out / 'vq'}")
+                resume = True   # the folder now holds this run
+        if "1" in stages:
+            train_decoder(configs["1"], out, resume=resume, progress=progress)
+            print(f"Emu3ForConditionalGeneration folder written to {out}")
+    except ckpt.CheckpointError as e:
         raise SystemExit(f"emu-edge train: {e}")
-    print(f"VQ-VAE written to {out / 'vq'}")
     return 0

@@ -226,3 +226,90 @@ def get_vq_preset(name: str) -> VQConfig:
     if name not in VQ_PRESETS:
         raise ValueError(f"unknown emu3 preset {name!r}; presets: {', '.join(VQ_PRESETS)}")
     return copy.deepcopy(VQ_PRESETS[name]).validate()
+
+
+@dataclass
+class Emu3Config:
+    """emu3's stage 1: the decoder, transformers' Emu3ForConditionalGeneration, over one
+    vocabulary of our text tokens, Emu3's special tokens and one token per VQ code. The
+    VQ-VAE (and the image size) are stage 0's, read from the run's vq/ folder."""
+
+    preset: str = "custom"
+    text_vocab_size: int = 512  # the byte-level BPE's share of the vocabulary (specials included)
+    # The text model (Emu3TextConfig: Llama's block); head size a multiple of 16 for the
+    # exporter's GroupQueryAttention on CPU.
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    max_position_embeddings: int = 512
+    # Training samples: the weight of each emu_edge.data task written in Emu3's formats.
+    # Few-shot episodes (3-5 images, 250-400 tokens) and video are left out by default:
+    # each costs the tokens of four captions, and the runtime reads no clips.
+    tasks: dict[str, float] = field(default_factory=lambda: {"captioning": 0.2, "vqa": 0.25, "digits": 0.1,
+                                                             "text_to_image": 0.4, "chat": 0.05})
+    # Text-to-image prompts replaced by the empty prompt: the unconditional branch of
+    # classifier-free guidance, and the negative prompt the folder records.
+    cfg_drop: float = 0.1
+    # Batches of 16: on one core, more updates beat larger batches early (as for the VQ-VAE).
+    batch_size: int = 16
+    text_chunks: int = 2  # length-sorted chunks per batch (the gradient of one padded batch)
+    steps: int = 2400
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    save_every: int = 100
+    seed: int = 0
+    # bfloat16 autocast (fp32 weights and optimizer): a step at batch 16 took 0.75 s instead
+    # of 1.05 s on one Zen 4 core (AVX-512 BF16); where the CPU lacks bf16 it may be slower.
+    bf16: bool = True
+    # Generation defaults written into generation_config.json (tuned on val).
+    guidance_scale: float = 3.0
+    top_k: int = 0
+    max_new_tokens: int = 32
+
+    def text_config(self, vocab_size: int, token_ids: dict[str, int]) -> dict:
+        """Emu3TextConfig's fields."""
+        return dict(vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                    num_key_value_heads=self.num_kv_heads, max_position_embeddings=self.max_position_embeddings,
+                    bos_token_id=token_ids["bos"], eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"])
+
+    def validate(self) -> "Emu3Config":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        if not 0 <= self.cfg_drop < 1:
+            raise ValueError(f"cfg_drop must lie in [0, 1), got {self.cfg_drop}")
+        from emu_edge.data import check_tasks
+
+        check_tasks(self.tasks)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Emu3Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+EMU3_PRESETS: dict[str, Emu3Config] = {
+    # A few steps in seconds, over the tiny VQ-VAE's 4 x 4 codes: for tests.
+    "tiny": Emu3Config(preset="tiny", text_vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=128, max_position_embeddings=256, batch_size=8, steps=6, warmup=2,
+                       save_every=3, bf16=False),
+    # Sized with the small VQ-VAE (1.06M) for a folder under 20 MB in fp16.
+    "small": Emu3Config(preset="small"),
+}
+
+
+def get_emu3_preset(name: str) -> Emu3Config:
+    if name not in EMU3_PRESETS:
+        raise ValueError(f"unknown emu3 preset {name!r}; presets: {', '.join(EMU3_PRESETS)}")
+    return copy.deepcopy(EMU3_PRESETS[name]).validate()

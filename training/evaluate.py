@@ -175,7 +175,8 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (emu.json, llm/, vision/, unet/, ...; emu3: vq/)")
     parser.add_argument("--family", choices=("emu2", "emu3"), default="emu2",
-                        help="the checkpoint's family; emu3 so far scores its VQ-VAE's reconstructions")
+                        help="the checkpoint's family; emu3: an Emu3ForConditionalGeneration folder (every task, "
+                             "through its exported bundle), or a run holding only stage 0's vq/ (reconstructions)")
     parser.add_argument("--json", help="write the metrics to this file")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default test-set sizes")
     parser.add_argument("--split", choices=("test", "val"), default="test",
@@ -200,16 +201,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_emu3(args: argparse.Namespace) -> int:
+    """A folder with a decoder (config.json: a finished stage 1 or a shipped model) is scored
+    on every task; one with only stage 0's vq/, on the VQ-VAE's reconstructions."""
+    from emu_edge.training.evaluate_emu3 import evaluate_emu3
     from emu_edge.training.evaluate_vq import evaluate_vq
 
+    log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
+    decoder = (Path(args.checkpoint) / "config.json").is_file()
     given = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--only", args.only))
-             if value is not None]
+             if value is not None and (decoder is False or flag == "--steps")]
     if given:
-        raise SystemExit(f"emu-edge eval: {', '.join(given)}: for emu2 checkpoints; an emu3 VQ-VAE is scored on "
-                         "its reconstructions only, leave them out")
+        raise SystemExit(f"emu-edge eval: {', '.join(given)}: not for this folder; emu3 images have no denoising "
+                         "steps, and a VQ-VAE alone is scored on its reconstructions only")
     try:
-        metrics = evaluate_vq(args.checkpoint, split=args.split, scale=args.scale,
-                              log=lambda *a: print(*a, file=sys.stderr))
+        if decoder:
+            metrics = evaluate_emu3(args.checkpoint, split=args.split, scale=args.scale, guidance=args.guidance,
+                                    only=args.only.split(",") if args.only else None, log=log)
+        else:
+            metrics = evaluate_vq(args.checkpoint, split=args.split, scale=args.scale, log=log)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"emu-edge eval: {e}")
     return _write(metrics, args.json)

@@ -11,6 +11,11 @@ branch: one copy runs stage 2 while another runs stages 3 and 4 (two cores, or t
 machines), and --unet-from joins them:
 
     python -m emu_edge.training.ship runs/main models/emu-edge-small --unet-from runs/unet
+
+An emu3 run (`--family emu3`) ships as its Emu3ForConditionalGeneration folder at fp16,
+from its last complete step, with the generation defaults chosen on val:
+
+    python -m emu_edge.training.ship runs/emu3 models/emu3-edge-small --family emu3 --guidance 3 --top-k 64
 """
 
 from __future__ import annotations
@@ -87,6 +92,34 @@ def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, g
     return dst
 
 
+def ship_emu3(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
+              generation: dict | None = None) -> Path:
+    """generation: guidance_scale and top_k to record in generation_config.json."""
+    from tokenizers import Tokenizer
+
+    from emu_edge.training.config import Emu3Config
+    from emu_edge.training.emu3_format import TokenIds
+    from emu_edge.training.train_emu3 import CONFIG_FILE, STAGE, DecoderLoss, build_model, load_stage0, save_folder
+
+    src, dst = Path(src), Path(dst)
+    step = latest_step(src) if (src / "steps").is_dir() else None
+    if step is None or json.loads((step / "state.json").read_text()).get("stage") != STAGE:
+        raise CheckpointError(f"{src} has no step folder of emu3's decoder stage; ship a run that has begun stage 1")
+    cfg = Emu3Config.from_dict(json.loads((src / CONFIG_FILE).read_text()))
+    for key, value in (generation or {}).items():
+        setattr(cfg, key, value)
+    vq, processor, _ = load_stage0(src)
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    model = DecoderLoss(build_model(cfg, vq, tokenizer, TokenIds.of(tokenizer, vq.config.codebook_size)))
+    load_step(step, model)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_folder(model.model.eval(), tokenizer, processor, cfg, dst, dtype=dtype)
+    shutil.copyfile(src / "judge.onnx", dst / "judge.onnx")
+    size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    print(f"shipped {step} -> {dst} ({size / 1e6:.1f} MB, {dtype})")
+    return dst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src")
@@ -94,7 +127,18 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="default guidance scale to record (choose it on val)")
     parser.add_argument("--steps", type=int, help="default denoising steps to record")
     parser.add_argument("--unet-from", help="run whose U-Net (stage 2, from the same stage 1) replaces src's")
+    parser.add_argument("--family", choices=("emu2", "emu3"), default="emu2")
+    parser.add_argument("--top-k", type=int, help="emu3: default top-k of image sampling to record")
     args = parser.parse_args()
+    if args.family == "emu3":
+        if args.steps is not None or args.unet_from is not None:
+            raise SystemExit("ship: --steps and --unet-from are for emu2 runs; emu3 draws images token by token")
+        chosen = {k: v for k, v in (("guidance_scale", args.guidance), ("top_k", args.top_k)) if v is not None}
+        try:
+            ship_emu3(args.src, args.dst, generation=chosen)
+        except CheckpointError as e:
+            raise SystemExit(f"ship: {e}")
+        return
     generation = {k: v for k, v in (("guidance", args.guidance), ("steps", args.steps)) if v is not None}
     try:
         ship(args.src, args.dst, generation=generation, unet_from=args.unet_from)

@@ -266,8 +266,9 @@ def _check_same_model(cfg: EmuConfig, theirs: EmuConfig, path: Path) -> None:
 _STREAM_FIELDS = ("seed", "batch_size", "mixes")
 
 
-def check_same_stream(cfg: EmuConfig, out: Path) -> None:
-    saved = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").is_file() else {}
+def check_same_stream(cfg: EmuConfig, out: Path, name: str = "train_config.json") -> None:
+    """name: the file the run's config was written to when it started."""
+    saved = json.loads((out / name).read_text()) if (out / name).is_file() else {}
     mine = cfg.to_dict()
     differ = [k for k in _STREAM_FIELDS if k in saved and saved[k] != mine[k]]
     if differ:

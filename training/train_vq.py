@@ -142,7 +142,8 @@ def save_vq(vq, processor, folder: Path) -> Path:
 
 
 def plot_vq(out: Path) -> Path | None:
-    """loss.png beside metrics.jsonl: the losses, the codebook's usage and the PSNR."""
+    """loss.png beside metrics.jsonl: stage 0's losses, codebook usage and PSNR, and the
+    decoder stage's losses where the run has reached it."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return None
@@ -152,18 +153,29 @@ def plot_vq(out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     # A resumed run logs some steps twice; the latest record wins.
-    last = {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
-    steps = sorted(last)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-    for key in ("loss", "recon", "commit"):
-        axes[0].plot(steps, [last[s][key] for s in steps], lw=0.8, label=key)
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    for key in ("perplexity", "codes_used", "dead_codes"):
-        axes[1].plot(steps, [last[s][key] for s in steps], lw=0.8, label=key)
-    axes[1].legend()
-    axes[2].plot(steps, [last[s]["psnr"] for s in steps], lw=0.8)
-    for ax, title in zip(axes, ("losses", "codebook", "PSNR (dB)")):
+    last: dict[int, dict[int, dict]] = {}
+    for r in map(json.loads, path.read_text().splitlines()):
+        last.setdefault(r.get("stage", 0), {})[r["step"]] = r
+    panels = []   # (title, stage, keys, log scale)
+    if 0 in last:
+        panels += [("VQ-VAE losses", 0, ("loss", "recon", "commit"), True),
+                   ("codebook", 0, ("perplexity", "codes_used", "dead_codes"), False),
+                   ("PSNR (dB)", 0, ("psnr",), False)]
+    if 1 in last:
+        panels += [("decoder losses", 1, ("loss", "ce_text", "ce_image"), True)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+    for ax, (title, stage, keys, log) in zip(axes[0], panels):
+        steps = sorted(last[stage])
+        for key in keys:
+            points = [(s, last[stage][s][key]) for s in steps if last[stage][s].get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), lw=0.8, label=key)
+        if log:
+            ax.set_yscale("log")
+        if len(keys) > 1:
+            ax.legend()
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()
