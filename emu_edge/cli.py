@@ -16,7 +16,7 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "data": ("emu_edge.data.cli", "write a folder of generated images and prompts"),
     "train": ("emu_edge.training.cli", "train a model (Emu2's stages; Emu3's VQ-VAE) into a checkpoint"),
-    "eval": ("emu_edge.training.evaluate", "evaluate a checkpoint on the held-out test split"),
+    "eval": ("emu_edge.evaluate", "evaluate a checkpoint (or an emu3 bundle) on the held-out test split"),
     "export": ("emu_edge.export.cli", "export a checkpoint to an ONNX bundle"),
     "export-hf": ("emu_edge.export.hf_cli", "export Hugging Face folders (LLM, vision, U-Net) to a bundle"),
     "calibrate": ("emu_edge.calibration.cli", "record each graph's real inputs on a calibration folder"),

@@ -48,3 +48,24 @@ class Judge:
         a = a / (np.linalg.norm(a, axis=-1, keepdims=True) + 1e-8)
         b = b / (np.linalg.norm(b, axis=-1, keepdims=True) + 1e-8)
         return (a * b).sum(-1)
+
+
+def attribute_hits(got: list[tuple[str, str]], want: list[tuple[str, str]]) -> dict[str, float]:
+    """(colour, shape) pairs as judged against the truth: each attribute alone, then both."""
+    return {"colour": float(np.mean([g[0] == w[0] for g, w in zip(got, want)])),
+            "shape": float(np.mean([g[1] == w[1] for g, w in zip(got, want)])),
+            "both": float(np.mean([g == w for g, w in zip(got, want)]))}
+
+
+def prompt_following(verdict: dict, want: list[tuple[str, str]]) -> tuple[dict[str, float], float]:
+    """Judged images (the judge's output) against their prompts' (colour, shape): the
+    attribute hits, and the same readings against shuffled prompts, the score of a generator
+    that ignores its prompt."""
+    got = list(zip(verdict["colour"], verdict["shape"]))
+    perm = np.random.default_rng(0).permutation(len(want))
+    return attribute_hits(got, want), float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
+
+
+def mean_by(keys: list[str], hits: list[bool]) -> dict[str, float]:
+    """The hit rate per key (a question type, an object count)."""
+    return {k: float(np.mean([h for kk, h in zip(keys, hits) if kk == k])) for k in sorted(set(keys))}

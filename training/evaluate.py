@@ -1,4 +1,4 @@
-"""`emu-edge eval CHECKPOINT`: the held-out test split, scored deterministically.
+"""An emu2 checkpoint on the held-out test split, scored deterministically (`emu-edge eval`).
 
 Text tasks are exact matches of greedy answers. Generated images are scored by the
 checkpoint's judge.onnx (torch-free), which also gives the shuffled-prompt baseline: what a
@@ -7,16 +7,14 @@ generator ignoring its prompt would score.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from emu_edge import data
-from emu_edge.runtime.judge import Judge
+from emu_edge.runtime.judge import Judge, attribute_hits, mean_by, prompt_following
 from emu_edge.runtime.prompt import emu2_builder
 from emu_edge.training import generate as gen
 from emu_edge.training.checkpoint import CheckpointError, load_checkpoint
@@ -32,22 +30,6 @@ def _split_answer(sample):
     segs = [(s.kind, s.value) for s in sample.segments]
     last = max(i for i, (k, _) in enumerate(segs) if k == "answer")
     return segs[:last], segs[last][1]
-
-
-def _one_object(samples, n):
-    picked = [s for s in samples if len(s.meta["scene"].objects) == 1]
-    return picked[:n]
-
-
-def _mean_by(keys: list[str], hits: list[bool]) -> dict[str, float]:
-    return {k: float(np.mean([h for kk, h in zip(keys, hits) if kk == k])) for k in sorted(set(keys))}
-
-
-def _attribute_hits(got: list[tuple[str, str]], want: list[tuple[str, str]]) -> dict[str, float]:
-    """(colour, shape) pairs as judged against the truth: each attribute alone, then both."""
-    return {"colour": float(np.mean([g[0] == w[0] for g, w in zip(got, want)])),
-            "shape": float(np.mean([g[1] == w[1] for g, w in zip(got, want)])),
-            "both": float(np.mean([g == w for g, w in zip(got, want)]))}
 
 
 def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None = None,
@@ -93,8 +75,8 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
         vqa = data.vqa(split, n["vqa"], size=size)
         hits = text_hits("vqa", vqa)
         results["vqa_accuracy"] = float(np.mean(hits))
-        breakdown["vqa_by_question"] = _mean_by([s.meta["question_type"] for s in vqa], hits)
-        breakdown["vqa_by_objects"] = _mean_by(
+        breakdown["vqa_by_question"] = mean_by([s.meta["question_type"] for s in vqa], hits)
+        breakdown["vqa_by_objects"] = mean_by(
             ["one object" if len(s.meta["scene"].objects) == 1 else "two objects" for s in vqa], hits)
     if "digits" in run:
         # A digit counts when the caption names the right digit (its last word).
@@ -117,16 +99,13 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
     log("images")
     sample_kw = dict(steps=steps, guidance=guidance, seed=0, scheduler="ddim")
     if "text_to_image" in run:
-        t2i = _one_object(data.text_to_image(split, 4 * n["text_to_image"], size=size), n["text_to_image"])
+        t2i = data.one_object(data.text_to_image(split, 4 * n["text_to_image"], size=size), n["text_to_image"])
         cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
                                                                    if k.kind == "text"]) for s in t2i])
         verdict = judge(gen.sample_images(model, cond, **sample_kw))
-        want = [(s.meta["colour"], s.meta["shape"]) for s in t2i]
-        got = list(zip(verdict["colour"], verdict["shape"]))
-        breakdown["t2i"] = _attribute_hits(got, want)
+        breakdown["t2i"], results["t2i_shuffled_baseline"] = prompt_following(
+            verdict, [(s.meta["colour"], s.meta["shape"]) for s in t2i])
         results["t2i_attribute_accuracy"] = breakdown["t2i"]["both"]
-        perm = np.random.default_rng(0).permutation(len(want))
-        results["t2i_shuffled_baseline"] = float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
         log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} "
             f"(shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
 
@@ -142,7 +121,7 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
 
     if "judge" in run:
         # The judge on held-out ground truth: one-object renders and test digits.
-        truth = _one_object(data.text_to_image(split, 4 * n["judge"], size=size), n["judge"] // 2)
+        truth = data.one_object(data.text_to_image(split, 4 * n["judge"], size=size), n["judge"] // 2)
         digits = data.digits(split, n["judge"] // 2, size=size)
         v_obj = judge(np.stack([s.segments[-1].value for s in truth]))
         v_dig = judge(np.stack([s.segments[0].value for s in digits]))
@@ -153,13 +132,13 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
         log(f"  judge: {results['judge_accuracy']:.3f}")
 
     if "autoencode" in run:
-        scenes = _one_object(data.captioning(split, 4 * n["autoencode"], size=size), n["autoencode"])
+        scenes = data.one_object(data.captioning(split, 4 * n["autoencode"], size=size), n["autoencode"])
         originals = np.stack([s.segments[0].value for s in scenes])
         recon = judge(gen.autoencode(model, originals, **sample_kw))
         results["autoencode_similarity"] = float(np.mean(Judge.cosine(judge(originals)["features"],
                                                                       recon["features"])))
         # The U-Net's ceiling for text-to-image: attributes kept when it decodes true embeddings.
-        breakdown["autoencode"] = _attribute_hits(
+        breakdown["autoencode"] = attribute_hits(
             list(zip(recon["colour"], recon["shape"])),
             [(s.meta["scene"].objects[0].colour, s.meta["scene"].objects[0].shape) for s in scenes])
         log(f"  autoencode similarity: {results['autoencode_similarity']:.3f}")
@@ -170,63 +149,3 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
     out["generation"] = sample_kw
     out["split"] = split
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder (emu.json, llm/, vision/, unet/, ...; emu3: vq/)")
-    parser.add_argument("--family", choices=("emu2", "emu3"), default="emu2",
-                        help="the checkpoint's family; emu3: an Emu3ForConditionalGeneration folder (every task, "
-                             "through its exported bundle), or a run holding only stage 0's vq/ (reconstructions)")
-    parser.add_argument("--json", help="write the metrics to this file")
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default test-set sizes")
-    parser.add_argument("--split", choices=("test", "val"), default="test",
-                        help="test (report) or val (tune generation settings on it, not on test)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the checkpoint's)")
-    parser.add_argument("--only", metavar="TASK,...",
-                        help=f"score only these ({', '.join(SIZES)}); with --split val and --scale, "
-                             "the larger samples the model was chosen on")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.family == "emu3":
-        return run_emu3(args)
-    try:
-        metrics = evaluate(args.checkpoint, scale=args.scale, log=lambda *a: print(*a, file=sys.stderr),
-                           steps=args.steps, guidance=args.guidance, split=args.split,
-                           only=args.only.split(",") if args.only else None)
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"emu-edge eval: {e}")
-    return _write(metrics, args.json)
-
-
-def run_emu3(args: argparse.Namespace) -> int:
-    """A folder with a decoder (config.json: a finished stage 1 or a shipped model) is scored
-    on every task; one with only stage 0's vq/, on the VQ-VAE's reconstructions."""
-    from emu_edge.training.evaluate_emu3 import evaluate_emu3
-    from emu_edge.training.evaluate_vq import evaluate_vq
-
-    log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
-    decoder = (Path(args.checkpoint) / "config.json").is_file()
-    given = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--only", args.only))
-             if value is not None and (decoder is False or flag == "--steps")]
-    if given:
-        raise SystemExit(f"emu-edge eval: {', '.join(given)}: not for this folder; emu3 images have no denoising "
-                         "steps, and a VQ-VAE alone is scored on its reconstructions only")
-    try:
-        if decoder:
-            metrics = evaluate_emu3(args.checkpoint, split=args.split, scale=args.scale, guidance=args.guidance,
-                                    only=args.only.split(",") if args.only else None, log=log)
-        else:
-            metrics = evaluate_vq(args.checkpoint, split=args.split, scale=args.scale, log=log)
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"emu-edge eval: {e}")
-    return _write(metrics, args.json)
-
-
-def _write(metrics: dict, path: str | None) -> int:
-    text = json.dumps(metrics, indent=2) + "\n"
-    if path:
-        Path(path).write_text(text)
-    print(text, end="")
-    return 0

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from emu_edge import data
-from emu_edge.runtime.judge import Judge
+from emu_edge.runtime.judge import Judge, attribute_hits
 from emu_edge.training.checkpoint import CheckpointError
-from emu_edge.training.evaluate import _attribute_hits, _one_object
 from emu_edge.training.vq import perplexity, to_images, to_pixels
 
 # Test-split sizes: one-object scenes, handwritten digits, two-object scenes.
@@ -67,7 +66,7 @@ def evaluate_vq(path: str | Path, split: str = "test", scale: float = 1.0, log=p
     size = judge.image_size  # the judge was trained at the VQ's image size
     n = {k: max(4, int(v * scale)) for k, v in SIZES.items()}
     scenes = data.captioning(split, 6 * max(n["objects"], n["scenes"]), size=size)
-    objects = _one_object(scenes, n["objects"])
+    objects = data.one_object(scenes, n["objects"])
     pairs = [s for s in scenes if len(s.meta["scene"].objects) == 2][:n["scenes"]]
     digits = data.digits(split, n["digits"], size=size)
     kinds = {"objects": objects, "digits": digits, "scenes": pairs}
@@ -86,7 +85,7 @@ def evaluate_vq(path: str | Path, split: str = "test", scale: float = 1.0, log=p
         v_obj, v_dig = judge(images_by_kind["objects"]), judge(images_by_kind["digits"])
         got = list(zip(v_obj["colour"], v_obj["shape"]))
         hits = [g == w for g, w in zip(got, want)] + [d == w for d, w in zip(v_dig["digit"], want_digits)]
-        breakdown = {**_attribute_hits(got, want),
+        breakdown = {**attribute_hits(got, want),
                      "digits": float(np.mean([d == w for d, w in zip(v_dig["digit"], want_digits)]))}
         return hits, breakdown, np.concatenate([v_obj["features"], v_dig["features"]])
 

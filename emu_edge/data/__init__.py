@@ -11,7 +11,7 @@ from .handwritten import digit_image, digit_label, digit_split_indices, load_dig
 from .scenes import (BACKGROUND, COLOURS, SHAPES, SIZES, SPLITS, Obj, Scene, random_scene, render, scene_split,
                      split_of)
 from .tasks import (FEWSHOT_PATTERNS, N_FRAMES, SEGMENT_KINDS, TASKS, Sample, Segment, captioning, captioning_one,
-                    chat, chat_one, check_tasks, digits, digits_one, fewshot, fewshot_one, mixture, questions, subject,
+                    chat, chat_one, check_tasks, digits, digits_one, fewshot, fewshot_one, mixture, one_object, questions, subject,
                     subject_one, text_to_image, text_to_image_one, video, video_one, vqa, vqa_one)
 
 __all__ = [
@@ -19,6 +19,6 @@ __all__ = [
     "SEGMENT_KINDS", "SHAPES", "SIZES", "SPLITS", "TASKS", "Obj", "Sample", "Scene", "Segment", "caption", "captioning",
     "captioning_one", "chat", "chat_one", "check_tasks", "corpus", "digit_caption", "digit_image", "digit_label",
     "digit_split_indices", "digits", "digits_one", "fewshot", "fewshot_one", "load_digits", "mixture",
-    "motion_caption", "parse_caption", "questions", "random_scene", "render", "scene_split", "split_of", "subject",
+    "motion_caption", "one_object", "parse_caption", "questions", "random_scene", "render", "scene_split", "split_of", "subject",
     "subject_one", "text_to_image", "text_to_image_one", "video", "video_one", "vqa", "vqa_one",
 ]

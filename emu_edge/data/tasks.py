@@ -286,6 +286,11 @@ def vqa(split: str, n: int, seed: int = 0, size: int = 32) -> list[Sample]:
     return _many(vqa_one, split, n, seed, size)
 
 
+def one_object(samples: list[Sample], n: int) -> list[Sample]:
+    """The first n samples whose scene has one object (what the judge can read)."""
+    return [s for s in samples if len(s.meta["scene"].objects) == 1][:n]
+
+
 def fewshot(split: str, n: int, seed: int = 0, size: int = 32) -> list[Sample]:
     return _many(fewshot_one, split, n, seed, size)
 

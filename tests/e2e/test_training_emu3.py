@@ -210,7 +210,7 @@ def test_the_decoder_stage_over_a_finished_stage_0_needs_resume(stage0, tmp_path
     assert "--resume" in str(e.value)
 
 
-def test_shipped_folder_is_scored_through_its_bundle_and_a_rerun_agrees(tiny_emu3, tmp_path):
+def test_shipped_folder_is_scored_through_its_bundle_and_a_rerun_on_the_bundle_agrees(tiny_emu3, tmp_path):
     from emu_edge.training.ship import ship_emu3
 
     shipped = ship_emu3(tiny_emu3, tmp_path / "shipped", generation={"guidance_scale": 2.0, "top_k": 4})
@@ -223,9 +223,14 @@ def test_shipped_folder_is_scored_through_its_bundle_and_a_rerun_agrees(tiny_emu
         assert 0 <= metrics[key] <= 1, key
     assert metrics["generation"]["guidance"] == 2.0 and metrics["generation"]["top_k"] == 4
     assert metrics["samples"]["text_to_image"] == 4 and metrics["image_size"] == 32
-    # The figures do not depend on what else runs, and a rerun reproduces them.
+    # The figures do not depend on what else runs, and a rerun on the exported bundle (what
+    # a quantized bundle is scored by) reproduces them.
+    bundle = tmp_path / "bundle"
+    assert main(["export-hf", str(shipped), "--out", str(bundle)]) == 0
+    with pytest.raises(SystemExit, match="--judge"):
+        main(["eval", str(bundle), "--scale", "0.02"])
     again = tmp_path / "again.json"
-    assert main(["eval", str(shipped), "--family", "emu3", "--scale", "0.02", "--only",
+    assert main(["eval", str(bundle), "--judge", str(shipped / "judge.onnx"), "--scale", "0.02", "--only",
                  "text_to_image,reconstruction", "--json", str(again)]) == 0
     rerun = json.loads(again.read_text())
     for key in ("t2i_attribute_accuracy", "t2i_shuffled_baseline", "reconstruction_accuracy", "autoencode_similarity"):

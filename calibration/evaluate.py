@@ -1,44 +1,29 @@
-"""`emu-edge eval DIR --family emu3` of an Emu3ForConditionalGeneration folder (a finished
-decoder stage, or a shipped emu3 model): the held-out split, scored through the bundle
-that `emu-edge export-hf` makes of the folder and the torch-free runtime, as users run it.
+"""A bundle scored on the held-out split through the torch-free runtime, as users run it:
+what `emu-edge eval` reports for an Emu3 folder (exported first) or for any emu3 bundle,
+quantized ones included (`emu-edge eval BUNDLE --judge judge.onnx`).
 
 Text tasks are exact matches of greedy answers (captions, VQA, digits by their last word).
-Text-to-image draws one-object prompts with the folder's generation defaults (guidance,
-its negative prompt, top-k) and a fixed seed; the run's judge.onnx reads colour and shape,
-and the same readings against shuffled prompts give the baseline. The VQ-VAE's round trip
-(the bundle's vq_encoder then vq_decoder) is read as the VQ stage's eval reads it:
+Text-to-image draws one-object prompts with the bundle's generation defaults (guidance,
+its negative prompt, top-k) and a fixed seed; the judge reads colour and shape, and the
+same readings against shuffled prompts give the baseline. The VQ-VAE's round trip (the
+bundle's vq_encoder then vq_decoder) is read as the VQ stage's eval reads it:
 `reconstruction_accuracy`, and the judge features' cosine to the originals
 (`autoencode_similarity`). Seeded and single-threaded: a rerun writes the same file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from emu_edge import data
-from emu_edge.runtime.judge import Judge
-from emu_edge.training.checkpoint import CheckpointError
-from emu_edge.training.evaluate import _attribute_hits, _mean_by, _one_object
+from emu_edge.runtime.judge import Judge, attribute_hits, mean_by, prompt_following
 
 # Split sizes per metric (--scale scales them); reconstruction: one-object scenes and digits.
 SIZES = {"captioning": 200, "vqa": 200, "digits": 181, "text_to_image": 64, "judge": 400, "reconstruction": 380}
 BATCH = 32  # prompts per batched decode
-
-
-def export_bundle(folder: Path, out: Path) -> Path:
-    """`emu-edge export-hf FOLDER --out OUT`, its report on stderr."""
-    from emu_edge.cli import main
-
-    with contextlib.redirect_stdout(sys.stderr):
-        if main(["export-hf", str(folder), "--out", str(out)]) != 0:
-            raise CheckpointError(f"emu-edge export-hf {folder} failed (above); the eval scores the exported bundle")
-    return out
 
 
 def _pil(images) -> list[Image.Image]:
@@ -61,28 +46,30 @@ def round_trip(pipe, images: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def evaluate_emu3(path: str | Path, split: str = "test", scale: float = 1.0, guidance: float | None = None,
-                  only: list[str] | None = None, log=print) -> dict:
-    path = Path(path)
+def evaluate_bundle(bundle: str | Path, judge: str | Path, split: str = "test", scale: float = 1.0,
+                    guidance: float | None = None, only: list[str] | None = None, log=print) -> dict:
+    """bundle: an emu3 bundle folder; judge: the judge.onnx of the run that trained it."""
     unknown = sorted(set(only or ()) - set(SIZES))
     if unknown:
         raise ValueError(f"unknown eval task(s) {unknown}; choose from {', '.join(SIZES)}")
     run = set(only or SIZES)
-    for name in ("config.json", "judge.onnx"):
-        if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint file missing: {path / name}")
-    judge = Judge(path / "judge.onnx")
-    size = judge.image_size
-    n = {k: max(4, int(v * scale)) for k, v in SIZES.items() if k in run}
+    if not Path(judge).is_file():
+        raise FileNotFoundError(f"judge file missing: {judge}")
     from emu_edge.runtime.pipeline import Pipeline
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = Pipeline.load(export_bundle(path, Path(tmp) / "bundle"), threads=1)
-        results, breakdown = _score(pipe, judge, split, size, n, guidance, log)
-        defaults = pipe.family.image_defaults(guidance, None, None, None)
-        generation = {k: defaults[k] for k in ("guidance", "top_k", "top_p", "temperature", "do_sample")}
-        generation["negative_prompt"] = (pipe.manifest.model.generation or {}).get("negative_prompt", "")
-        generation["seed"] = 0
+    pipe = Pipeline.load(bundle, threads=1)
+    family = pipe.manifest.model.family
+    if family != "emu3":
+        raise ValueError(f"{bundle} is an {family} bundle; this eval scores emu3 bundles "
+                         "(an emu2 checkpoint is scored with `emu-edge eval CHECKPOINT`)")
+    judge = Judge(judge)
+    size = judge.image_size
+    n = {k: max(4, int(v * scale)) for k, v in SIZES.items() if k in run}
+    results, breakdown = _score(pipe, judge, split, size, n, guidance, log)
+    defaults = pipe.family.image_defaults(guidance, None, None, None)
+    generation = {k: defaults[k] for k in ("guidance", "top_k", "top_p", "temperature", "do_sample")}
+    generation["negative_prompt"] = (pipe.manifest.model.generation or {}).get("negative_prompt", "")
+    generation["seed"] = 0
     out = {k: round(v, 4) for k, v in results.items()}
     out["breakdown"] = {k: {name: round(v, 4) for name, v in d.items()} for k, d in breakdown.items()}
     out["samples"] = dict(n)
@@ -110,8 +97,8 @@ def _score(pipe, judge: Judge, split: str, size: int, n: dict, guidance, log) ->
         vqa = data.vqa(split, n["vqa"], size=size)
         hits = [got == s.answer for got, s in zip(answers(vqa, True), vqa)]
         results["vqa_accuracy"] = float(np.mean(hits))
-        breakdown["vqa_by_question"] = _mean_by([s.meta["question_type"] for s in vqa], hits)
-        breakdown["vqa_by_objects"] = _mean_by(
+        breakdown["vqa_by_question"] = mean_by([s.meta["question_type"] for s in vqa], hits)
+        breakdown["vqa_by_objects"] = mean_by(
             ["one object" if len(s.meta["scene"].objects) == 1 else "two objects" for s in vqa], hits)
         log(f"  vqa: {sum(hits)}/{len(hits)}")
     if "digits" in n:
@@ -123,25 +110,22 @@ def _score(pipe, judge: Judge, split: str, size: int, n: dict, guidance, log) ->
 
     log("images")
     if "text_to_image" in n:
-        t2i = _one_object(data.text_to_image(split, 4 * n["text_to_image"], size=size), n["text_to_image"])
+        t2i = data.one_object(data.text_to_image(split, 4 * n["text_to_image"], size=size), n["text_to_image"])
         prompts = [s.segments[0].value for s in t2i]
         # One seed per prompt's row: an image does not depend on how the prompts are batched.
         images = _batched(lambda batch: pipe.generate_image_batch(
             [p for _, p in batch], guidance=guidance, seed=[(i, 1) for i, _ in batch]), list(enumerate(prompts)))
         verdict = judge(np.stack([np.asarray(im) for im in images]))
-        want = [(s.meta["colour"], s.meta["shape"]) for s in t2i]
-        got = list(zip(verdict["colour"], verdict["shape"]))
-        breakdown["t2i"] = _attribute_hits(got, want)
+        breakdown["t2i"], results["t2i_shuffled_baseline"] = prompt_following(
+            verdict, [(s.meta["colour"], s.meta["shape"]) for s in t2i])
         results["t2i_attribute_accuracy"] = breakdown["t2i"]["both"]
-        perm = np.random.default_rng(0).permutation(len(want))
-        results["t2i_shuffled_baseline"] = float(np.mean([got[i] == want[j] for i, j in enumerate(perm)]))
         log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} "
             f"(shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
 
     objects = digits = None
     if "judge" in n or "reconstruction" in n:
         m = n.get("reconstruction", n.get("judge"))
-        objects = _one_object(data.text_to_image(split, 4 * m, size=size), m // 2 + m % 2)
+        objects = data.one_object(data.text_to_image(split, 4 * m, size=size), m // 2 + m % 2)
         digits = data.digits(split, m // 2, size=size)
     if "judge" in n:
         m = n["judge"]
@@ -168,7 +152,7 @@ def _judged(judge: Judge, objects, digits, transform):
     got = list(zip(v_obj["colour"], v_obj["shape"]))
     digit_hits = [d == data.DIGIT_WORDS[s.meta["digit"]] for d, s in zip(v_dig["digit"], digits)]
     hits = [g == w for g, w in zip(got, want)] + digit_hits
-    parts = {**_attribute_hits(got, want), "digits": float(np.mean(digit_hits))}
+    parts = {**attribute_hits(got, want), "digits": float(np.mean(digit_hits))}
     features = np.concatenate([v_obj["features"], v_dig["features"]])
     truth = np.concatenate([judge(images)["features"] for images in originals])
     return hits, parts, features, truth
