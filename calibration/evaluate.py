@@ -34,18 +34,6 @@ def _batched(fn, items: list, size: int = BATCH) -> list:
     return [out for i in range(0, len(items), size) for out in fn(items[i:i + size])]
 
 
-def round_trip(pipe, images: np.ndarray) -> np.ndarray:
-    """The bundle's VQ-VAE both ways: uint8 [N, S, S, 3] -> the decoded images, same shape."""
-    family, f = pipe.family, pipe.family.spec.spatial_factor
-    rows, cols = images.shape[1] // f, images.shape[2] // f
-    grid = rows * (cols + 1)
-    out = []
-    for block in family.encode_images(_pil(images)):
-        body = block[-grid - 2:-2]   # the rows with their EOLs, before EOF and EOI
-        out.append(np.asarray(family.decode_image_ids(np.asarray([body]), rows, cols)[0]))
-    return np.stack(out)
-
-
 def evaluate_bundle(bundle: str | Path, judge: str | Path, split: str = "test", scale: float = 1.0,
                     guidance: float | None = None, only: list[str] | None = None, log=print) -> dict:
     """bundle: an emu3 bundle folder; judge: the judge.onnx of the run that trained it."""
@@ -133,7 +121,8 @@ def _score(pipe, judge: Judge, split: str, size: int, n: dict, guidance, log) ->
                                                           lambda images: images)[0]))
         log(f"  judge: {results['judge_accuracy']:.3f}")
     if "reconstruction" in n:
-        hits, parts, features, truth = _judged(judge, objects, digits, lambda images: round_trip(pipe, images))
+        hits, parts, features, truth = _judged(
+            judge, objects, digits, lambda images: np.stack([np.asarray(pipe.autoencode(im)) for im in _pil(images)]))
         results["reconstruction_accuracy"] = float(np.mean(hits))
         results["autoencode_similarity"] = float(np.mean(Judge.cosine(features, truth)))
         breakdown["reconstruction"] = parts

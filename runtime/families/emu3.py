@@ -543,6 +543,15 @@ class Emu3:
                                          guidance, seed=[(seed, n) for *_, n, seed in requests], progress=progress)
         return split_by(flat, [n for _, _, n, _ in requests])
 
+    def autoencode(self, image) -> Image.Image:
+        """The VQ-VAE's round trip: the image's codes, what the decoder reads of it, drawn back."""
+        image = load_image(image)
+        f = self.spec.spatial_factor
+        _, _, height, width = self.image_pixels(image).shape
+        rows, cols = height // f, width // f
+        block = self.encode_images([image])[0]
+        return self.decode_image_ids(np.asarray([block[-rows * (cols + 1) - 2:-2]]), rows, cols)[0]
+
     def decode_image_ids(self, ids: np.ndarray, rows: int, cols: int) -> list[Image.Image]:
         """Generated image tokens [B, >= rows * (cols + 1)] -> PIL images: the EOL column
         dropped, ids -> codes, the VQ decoder, then the processor's postprocess."""
