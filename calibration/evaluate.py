@@ -104,9 +104,9 @@ def _score(pipe, judge: Judge, split: str, size: int, n: dict, guidance, log) ->
         images = _batched(lambda batch: pipe.generate_image_batch(
             [p for _, p in batch], guidance=guidance, seed=[(i, 1) for i, _ in batch]), list(enumerate(prompts)))
         verdict = judge(np.stack([np.asarray(im) for im in images]))
-        breakdown["t2i"], results["t2i_shuffled_baseline"] = prompt_following(
-            verdict, [(s.meta["colour"], s.meta["shape"]) for s in t2i])
+        breakdown["t2i"], baseline = prompt_following(verdict, [(s.meta["colour"], s.meta["shape"]) for s in t2i])
         results["t2i_attribute_accuracy"] = breakdown["t2i"]["both"]
+        results["t2i_shuffled_baseline"] = baseline
         log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} "
             f"(shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
 

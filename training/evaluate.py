@@ -103,9 +103,9 @@ def evaluate(path: str | Path, scale: float = 1.0, log=print, steps: int | None 
         cond = torch.stack([gen.regress(model, builder, s.task, [(k.kind, k.value) for k in s.segments
                                                                    if k.kind == "text"]) for s in t2i])
         verdict = judge(gen.sample_images(model, cond, **sample_kw))
-        breakdown["t2i"], results["t2i_shuffled_baseline"] = prompt_following(
-            verdict, [(s.meta["colour"], s.meta["shape"]) for s in t2i])
+        breakdown["t2i"], baseline = prompt_following(verdict, [(s.meta["colour"], s.meta["shape"]) for s in t2i])
         results["t2i_attribute_accuracy"] = breakdown["t2i"]["both"]
+        results["t2i_shuffled_baseline"] = baseline
         log(f"  text-to-image: {results['t2i_attribute_accuracy']:.3f} "
             f"(shuffled prompts {results['t2i_shuffled_baseline']:.3f})")
 
