@@ -102,8 +102,10 @@ def test_report(variants, precision):
         # generating loop chose, or the forcing is misaligned.
         assert report["fp32"][metric] == 1.0
         target = report["targets"][metric]
+        # Random weights answer nothing right: the trained model's target gets no verdict.
+        assert report["fp32"]["answer_accuracy"] < 0.5
         assert target["met"] is None and target["verdict"] == "n/a" and "random weights" in target["note"]
-        assert target["target"] == (">= 0.95" if precision == "int8" else ">= 0.85")
+        assert target["target"] == (">= 0.99" if precision == "int8" else ">= 0.9")
     assert report["text_token_agreement_prompts"] == 6 and report["text_token_agreement_tokens"] > 6
     # 3 prompts of 3x3 codes: 9 scored positions each (row ends and EOF are forced).
     assert report["image_token_agreement_prompts"] == 3 and report["image_token_agreement_tokens"] == 27
