@@ -82,6 +82,18 @@ class Server:
                 pass
         return total
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of the server's processes so far."""
+        total = 0
+        for pid in session_processes(self.process.pid):
+            try:
+                # the fields after the command name, which may hold spaces: utime and stime are 12th and 13th
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> list[int]:
         """SIGTERM; the processes of its session still alive afterwards (killed)."""
         self.process.send_signal(signal.SIGTERM)
@@ -165,8 +177,11 @@ def send(client, kind: str, body: dict, extra: dict | None = None) -> dict:
     return record
 
 
-def run_users(client, pool: dict, weights: dict, users: int, requests: int, deadline: float, seed: int) -> dict:
-    """`users` threads sending until `requests` have been sent (or the deadline)."""
+def run_users(client, pool: dict, weights: dict, users: int, requests: int, deadline: float, seed: int,
+              server: Server | None = None) -> dict:
+    """`users` threads sending until `requests` have been sent (or the deadline). With the
+    server: how busy the machine was, the server's CPU time and this load generator's
+    (all its threads) over the wall time and the CPU count."""
     recorder, counter, lock = Recorder(), [0], threading.Lock()
     kinds, p = list(weights), np.array(list(weights.values()))
     p = p / p.sum()
@@ -182,10 +197,17 @@ def run_users(client, pool: dict, weights: dict, users: int, requests: int, dead
             body = pool[kind][rng.integers(len(pool[kind]))]
             recorder.add(send(client, kind, body))
 
+    cpu = (server.cpu_seconds() if server else 0.0, time.process_time())
     start = time.perf_counter()
     with ThreadPoolExecutor(users) as threads:
         list(threads.map(user, range(users)))
-    return summarize(recorder.records, time.perf_counter() - start, users)
+    wall = time.perf_counter() - start
+    summary = summarize(recorder.records, wall, users)
+    if server is not None:
+        summary["server_cpu_s"] = server.cpu_seconds() - cpu[0]
+        summary["client_cpu_s"] = time.process_time() - cpu[1]
+        summary["machine_busy"] = (summary["server_cpu_s"] + summary["client_cpu_s"]) / (wall * os.cpu_count())
+    return summary
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -282,8 +304,9 @@ def run(bundle: Path, requests: int, users: list[int], threads: int | None, max_
         per_part = {"captions": max(1, int(0.3 * requests) // len(users)), "mix": max(1, int(0.7 * requests)
                                                                                    // len(users))}
         captions = [run_users(client, pool, {"caption": 0.5, "vqa": 0.5}, n, max(per_part["captions"], 2 * n),
-                              deadline, seed=n) for n in users]
-        mix = [run_users(client, pool, MIX, n, max(per_part["mix"], 2 * n), deadline, seed=100 + n) for n in users]
+                              deadline, seed=n, server=server) for n in users]
+        mix = [run_users(client, pool, MIX, n, max(per_part["mix"], 2 * n), deadline, seed=100 + n, server=server)
+               for n in users]
         probe = long_probe(client, pool, f"{server.url}/v1")
         rss_after = server.rss_bytes()
         sent = sum(p["requests"] for p in captions + mix) + 3 * LONG_ROUNDS
@@ -324,13 +347,16 @@ def markdown(r: dict) -> str:
     lines = [f"{r['requests_sent']} requests, server RSS {r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} MB "
              f"({100 * r['rss_growth']:+.1f}%), processes left after SIGTERM: {len(r['processes_left'])}", ""]
     for part in ("captions", "mix"):
-        lines += [f"**{part}**", "", "| users | requests | req/s | tokens/s | kind | p50 ms | p99 ms | TTFT p50 | "
-                  "TTFT p99 | errors |", "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [f"**{part}**", "", "| users | requests | req/s | tokens/s | machine busy (server + client CPU) | "
+                  "kind | p50 ms | p99 ms | TTFT p50 | TTFT p99 | errors |",
+                  "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
         for p in r[part]:
             for kind, k in p["by_kind"].items():
                 cells = [_fmt(k[key]) for key in ("latency_p50_ms", "latency_p99_ms", "ttft_p50_ms", "ttft_p99_ms")]
+                busy = (f"{100 * p['machine_busy']:.0f}% ({p['server_cpu_s']:.1f} + {p['client_cpu_s']:.1f} s)"
+                        if "machine_busy" in p else "-")
                 lines.append(f"| {p['users']} | {p['requests']} | {p['requests_per_s']:.1f} | {p['tokens_per_s']:.0f} "
-                             f"| {kind} | " + " | ".join(cells) + f" | {p['errors']} |")
+                             f"| {busy} | {kind} | " + " | ".join(cells) + f" | {p['errors']} |")
         lines.append("")
     g = r["long"]
     lines += [f"caption alone p50 {_fmt(g['caption_alone_p50_ms'])} ms; sent while a {LONG_TOKENS}-token answer "
