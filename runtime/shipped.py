@@ -1,4 +1,8 @@
-"""Where the default bundle lives: the shipped checkpoint, exported once into a cache.
+"""Where the default bundles live: the shipped models, each exported once into a cache.
+
+Two models ship in models/: the Emu2-style `emu-edge-small` (the default everywhere) and
+the Emu3-style `emu3-edge-small` (an Emu3ForConditionalGeneration folder, exported by
+export-hf; `emu-edge demo` shows both).
 
     EMU_EDGE_BUNDLE   use this bundle folder as the default
     EMU_EDGE_CACHE    cache root (default ~/.cache/emu-edge); bundles go under bundles/
@@ -19,12 +23,14 @@ from pathlib import Path
 
 from emu_edge.runtime.manifest import SCHEMA_VERSION
 
-SHIPPED_NAME = "emu-edge-small"
+# family -> (the shipped folder's name, the file that marks it, the verb that exports it)
+SHIPPED = {"emu2": ("emu-edge-small", "emu.json", "export"),
+           "emu3": ("emu3-edge-small", "config.json", "export-hf")}
 
 
-def shipped_checkpoint() -> Path:
-    # The checkpoint is in the repository (models/), beside the package folders.
-    return Path(__file__).resolve().parents[1] / "models" / SHIPPED_NAME
+def shipped_checkpoint(family: str = "emu2") -> Path:
+    # The checkpoints are in the repository (models/), beside the package folders.
+    return Path(__file__).resolve().parents[1] / "models" / SHIPPED[family][0]
 
 
 def cache_root() -> Path:
@@ -39,31 +45,33 @@ def _fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def cached_bundle_path() -> Path:
+def cached_bundle_path(family: str = "emu2") -> Path:
     """Where the shipped checkpoint's bundle is (or will be) cached."""
-    ck = shipped_checkpoint()
-    if not (ck / "emu.json").is_file():
+    name, mark, _ = SHIPPED[family]
+    ck = shipped_checkpoint(family)
+    if not (ck / mark).is_file():
         raise FileNotFoundError(
             f"no default bundle: the shipped checkpoint {ck} is not here (an installed wheel does not carry it). "
             "Pass --bundle DIR, or set EMU_EDGE_BUNDLE.")
     # Keyed by the manifest schema too: a runtime that reads a newer schema exports afresh
     # instead of finding (and refusing) the bundle an older one cached.
-    return cache_root() / "bundles" / f"{SHIPPED_NAME}-v{SCHEMA_VERSION}-{_fingerprint(ck)}"
+    return cache_root() / "bundles" / f"{name}-v{SCHEMA_VERSION}-{_fingerprint(ck)}"
 
 
-def default_bundle(log=print) -> Path:
-    """The default bundle, exported from the shipped checkpoint on first use."""
+def default_bundle(log=print, family: str = "emu2") -> Path:
+    """The default bundle (family: which shipped model), exported on first use."""
     if os.environ.get("EMU_EDGE_BUNDLE"):
         return Path(os.environ["EMU_EDGE_BUNDLE"])
-    ck = shipped_checkpoint()
-    bundle = cached_bundle_path()
+    ck = shipped_checkpoint(family)
+    bundle = cached_bundle_path(family)
     if (bundle / "manifest.json").is_file():
         return bundle
     log(f"exporting the shipped model {ck} to {bundle} (once; later runs reuse it)")
     if importlib.util.find_spec("torch") is None:
         raise RuntimeError("exporting the shipped model needs the [train] extra (pip install 'emu-edge[train]'); "
                            "or export on a host and pass --bundle")
-    result = subprocess.run([sys.executable, "-m", "emu_edge.cli", "export", str(ck), "--out", str(bundle)])
+    verb = SHIPPED[family][2]
+    result = subprocess.run([sys.executable, "-m", "emu_edge.cli", verb, str(ck), "--out", str(bundle)])
     if result.returncode:
         raise RuntimeError(f"exporting {ck} failed (exit {result.returncode}); see the messages above")
     return bundle

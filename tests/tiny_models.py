@@ -279,3 +279,49 @@ def make_emu3_bundle(root: Path, preset: str, *export_args: str, image_area: int
     out = root / "bundle"
     assert main(["export-hf", str(folder), "--out", str(out), "--max-length", "128", *export_args]) == 0
     return out
+
+
+def prefix_allowed(spec, rows: int, cols: int, eos: int, pad: int):
+    """The row constraint as transformers' Emu3 docs write it for `generate`: counted from
+    the image wrapper token, w visual ids then EOL per row, then EOF, EOI, EOS."""
+    import torch
+
+    visual = list(spec.visual_ids())
+
+    def allowed(batch_id: int, input_ids) -> list[int]:
+        position = torch.nonzero(input_ids == spec.image_wrapper_token_id, as_tuple=True)[0][0]
+        offset = input_ids.shape[0] - position
+        if offset % (cols + 1) == 0:
+            return [spec.eol_token_id]
+        if offset == (cols + 1) * rows + 1:
+            return [spec.eof_token_id]
+        if offset == (cols + 1) * rows + 2:
+            return [spec.eoi_token_id]
+        if offset == (cols + 1) * rows + 3:
+            return [eos]
+        if offset > (cols + 1) * rows + 3:
+            return [pad]
+        return visual
+
+    return allowed
+
+
+def reference_tokens(pipe, model, prompt: str, rows: int, cols: int, guidance: float = 1.0,
+                     negative: str | None = None):
+    """transformers' greedy generate with the prefix constraint (and its CFG processor):
+    the new tokens, rows * (cols + 1) + 3 of them (through EOF, EOI, EOS)."""
+    import numpy as np
+    import torch
+
+    family = pipe.family
+    ids = torch.tensor([family.image_prompt(prompt, rows, cols)])
+    extra = {}
+    if guidance != 1:
+        extra = dict(negative_prompt_ids=torch.tensor([family.image_prompt(negative or "", rows, cols)]))
+    m = pipe.manifest.model
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=rows * (cols + 1) + 3, guidance_scale=guidance,
+                             prefix_allowed_tokens_fn=prefix_allowed(m.emu3, rows, cols, m.eos_token_id,
+                                                                     m.pad_token_id), **extra)
+    return out[0, ids.shape[1]:].numpy()

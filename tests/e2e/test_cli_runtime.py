@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from emu_edge import data
@@ -62,14 +63,25 @@ def test_chat_keeps_the_conversation(tiny_bundle, tmp_path, monkeypatch, capsys)
     assert "image 1 added" in captured.err and "new conversation" in captured.err
 
 
-def test_demo_writes_images_contact_sheet_and_latency_table(tiny_bundle, tmp_path, capsys):
+def test_demo_writes_images_contact_sheet_and_latency_table(tiny_bundle, emu3_bundle, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--bundle", str(tiny_bundle), "--out", str(out)]) == 0
-    pngs = {p.name for p in out.glob("*.png")}
-    assert {"contact_sheet.png", "generate_0.png", "caption_0.png", "autoencode.png", "edit_0.png"} <= pngs
+    pngs = {p.name for p in (out / "emu2").glob("*.png")}
+    assert {"generate_0.png", "caption_0.png", "autoencode.png", "edit_0.png"} <= pngs
     table = (out / "latency.md").read_text()
     for task in ("caption", "ask", "generate (text-to-image)", "generate (image + text)", "autoencode"):
         assert f"| {task} |" in table
-    report = json.loads((out / "demo.json").read_text())
+    report = json.loads((out / "demo.json").read_text())["emu2"]
     assert len(report["generate"]) >= 5 and report["caption"][0]["truth"]
     assert np.asarray(Image.open(out / "contact_sheet.png")).std() > 0
+    # An emu3 bundle: the same inputs, no edits (it draws from text), the VQ round trip
+    out3 = tmp_path / "demo3"
+    assert main(["demo", "--bundle", str(emu3_bundle), "--out", str(out3)]) == 0
+    report = json.loads((out3 / "demo.json").read_text())["emu3"]
+    assert "edit" not in report and len(report["generate"]) == len(json.loads((out / "demo.json").read_text())[
+        "emu2"]["generate"])
+    assert report["autoencode"] and Image.open(out3 / "emu3" / "autoencode.png").size[0] > 0
+    with pytest.raises(ValueError, match="--bundle"):
+        main(["demo", "--bundle", str(emu3_bundle), "--model", "emu3", "--debug"])
+
+
