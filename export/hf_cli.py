@@ -144,7 +144,7 @@ class LlmFolder:
             pad_token_id=self.token_id("pad_token_id"),
             generation={k: v for k, v in self.generation.items()
                         if k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
-                                 "guidance_scale")},
+                                 "guidance_scale", "negative_prompt")},
             architecture=self.source.architecture,
             source={"llm": self.folder.name, "rope_parameters": d.rope_parameters},
         )

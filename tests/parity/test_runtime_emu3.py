@@ -81,6 +81,23 @@ def test_guided_greedy_tokens_equal_transformers(emu3, preset, negative):
     assert not np.array_equal(ours, plain)
 
 
+def test_the_folders_negative_prompt_is_the_bundles_default(emu3, tmp_path):
+    import json
+
+    pipe, model = emu3("f2")
+    folder = tmp_path / "folder"
+    make_emu3_folder(folder, "f2")
+    PROCESSOR(folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "negative_prompt": "w40 w41"}))
+    assert cli_main(["export-hf", str(folder), "--out", str(tmp_path / "bundle"), "--max-length", "128"]) == 0
+    own = Pipeline.load(tmp_path / "bundle", threads=1)
+    assert own.manifest.model.generation["negative_prompt"] == "w40 w41"
+    ours = own.image_ids(["w9 w10"], height=8, width=8, guidance=3.0, top_k=1)[0]
+    theirs = reference_tokens(pipe, model, "w9 w10", 4, 4, guidance=3.0, negative="w40 w41")
+    np.testing.assert_array_equal(ours, theirs[:len(ours)])
+
+
 def test_batch_and_threads_give_what_each_prompt_gets_alone(emu3):
     pipe, _ = emu3("f2")
     prompts = ["w5 w6", "w9 w10 w11 w12", "w20"]
