@@ -109,10 +109,11 @@ def run_emu3(args: argparse.Namespace) -> int:
     if not stages or stages != sorted(set(stages)) or not set(stages) <= {"0", "1"}:
         raise SystemExit(f"emu-edge train: emu3's stages are 0 (the VQ-VAE) and 1 (the decoder), in order; got "
                          f"--stages {args.stages}")
-    for flag, value in (("--mix", args.mix), ("--init-from", args.init_from)):
-        if value is not None:
-            raise SystemExit(f"emu-edge train: {flag} is for the emu2 stages; emu3's stages train on their "
-                             "preset's tasks from fresh weights")
+    if args.mix is not None:
+        raise SystemExit("emu-edge train: --mix is for the emu2 stages; emu3's stages train on their preset's tasks")
+    if args.init_from is not None and stages != ["1"]:
+        raise SystemExit("emu-edge train: emu3's --init-from starts the decoder stage (--stages 1) from a finished "
+                         "folder, whose VQ-VAE it keeps")
     try:
         configs = {"0": get_vq_preset(args.preset), "1": get_emu3_preset(args.preset)}
     except ValueError as e:
@@ -129,11 +130,11 @@ def run_emu3(args: argparse.Namespace) -> int:
             cfg.lr = args.lr
         if args.seed is not None:
             cfg.seed = args.seed
-    if args.overwrite and "0" not in stages:
+    if args.overwrite and "0" not in stages and args.init_from is None:
         raise SystemExit("emu-edge train: --overwrite deletes the whole run, stage 0's vq/ and judge.onnx too; to train "
                          "stage 1 afresh, copy a finished stage 0 into a new --out and pass --resume")
     out = Path(args.out)
-    resume, progress = args.resume, not args.no_progress
+    resume, overwrite, progress = args.resume, args.overwrite, not args.no_progress
     try:
         if "0" in stages:
             latest = ckpt.latest_step(out) if resume else None
@@ -141,11 +142,12 @@ def run_emu3(args: argparse.Namespace) -> int:
             if reached == "1":
                 print(f"--resume: {out} is past stage 0 (its decoder stage has begun)")
             else:
-                train_vq(configs["0"], out, resume=resume, overwrite=args.overwrite, progress=progress)
+                train_vq(configs["0"], out, resume=resume, overwrite=overwrite, progress=progress)
                 print(f"VQ-VAE written to {out / 'vq'}")
-                resume = True   # the folder now holds this run
+                resume, overwrite = True, False   # the folder now holds this run
         if "1" in stages:
-            train_decoder(configs["1"], out, resume=resume, progress=progress)
+            train_decoder(configs["1"], out, resume=resume, overwrite=overwrite, progress=progress,
+                          init_from=args.init_from)
             print(f"Emu3ForConditionalGeneration folder written to {out}")
     except ckpt.CheckpointError as e:
         raise SystemExit(f"emu-edge train: {e}")

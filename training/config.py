@@ -262,6 +262,8 @@ class Emu3Config:
     grad_clip: float = 1.0
     save_every: int = 100
     seed: int = 0
+    # The finished emu3 folder (--init-from) whose weights the run started from, if any.
+    init_from: str | None = None
     # bfloat16 autocast (fp32 weights and optimizer): a step at batch 16 took 0.75 s instead
     # of 1.05 s on one Zen 4 core (AVX-512 BF16); where the CPU lacks bf16 it may be slower.
     bf16: bool = True

@@ -122,13 +122,74 @@ def _check_run(folder: Path, out: Path) -> None:
                                    "another --out")
 
 
+def load_source(checkpoint: Path):
+    """The finished emu3 folder a run starts from (--init-from), in fp32."""
+    from transformers import Emu3ForConditionalGeneration
+
+    if not (checkpoint / "config.json").is_file():
+        raise ckpt.CheckpointError(f"--init-from {checkpoint}: no config.json; give a finished emu3 folder (a run's "
+                                   "or a shipped one, e.g. models/emu3-edge-small)")
+    try:
+        return Emu3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    except Exception as e:  # transformers raises several types for a bad folder
+        raise ckpt.CheckpointError(f"--init-from {checkpoint}: Emu3ForConditionalGeneration cannot load it: {e}") from e
+
+
+def stage0_from(checkpoint: Path, out: Path, log=print) -> None:
+    """Stage 0 of a run that starts from a finished emu3 folder: the folder's own VQ-VAE
+    (in fp32; a shipped folder's is fp16, and the decoder goes on learning its codes) and
+    judge, written into `out` as vq/ and judge.onnx. A stage 0 already there (a resumed
+    start) must be that VQ-VAE."""
+    from transformers import Emu3ImageProcessor
+
+    from emu_edge.training.evaluate_vq import load_vq
+    from emu_edge.training.train_vq import save_vq
+
+    vq = load_source(checkpoint).model.vqmodel
+    if (out / "vq").is_dir():
+        mine = load_vq(out)[0].state_dict()
+        if mine.keys() != vq.state_dict().keys() or any(
+                not torch.equal(mine[k], v) for k, v in vq.state_dict().items()):
+            raise ckpt.CheckpointError(f"{out / 'vq'} is not the VQ-VAE of --init-from {checkpoint}; start the "
+                                       "continuation in a new --out")
+        return
+    if not (checkpoint / "judge.onnx").is_file():
+        raise ckpt.CheckpointError(f"--init-from {checkpoint}: no judge.onnx (a finished run and a shipped folder "
+                                   "hold the judge its eval reads)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_vq(vq, Emu3ImageProcessor.from_pretrained(checkpoint), out / "vq")
+    shutil.copyfile(checkpoint / "judge.onnx", out / "judge.onnx")
+    log(f"stage 0 (vq/, judge.onnx) taken from {checkpoint}")
+
+
+def _init_weights(model, checkpoint: Path, tok, preset: str) -> None:
+    source = load_source(checkpoint)
+    if source.config.vocabulary_map != tok.get_vocab():
+        raise ckpt.CheckpointError(f"--init-from {checkpoint}: its vocabulary is not the {preset} preset's")
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"--init-from {checkpoint} is not the {preset} preset's architecture: {e}") from e
+
+
 def train_decoder(cfg: Emu3Config, out: str | Path, resume: bool = False, overwrite: bool = False,
-                  stop_after: int | None = None, progress: bool = True, log=print) -> Path:
+                  stop_after: int | None = None, progress: bool = True, log=print,
+                  init_from: str | Path | None = None) -> Path:
     """Train the decoder into `out`, which holds a finished stage 0 (vq/, judge.onnx).
     Starting it on such a folder continues that run: pass resume. stop_after: end (as if
-    killed) after that many steps in this call, to test resuming."""
+    killed) after that many steps in this call, to test resuming. init_from: a finished
+    emu3 folder whose weights (VQ-VAE, judge and decoder) the run starts from instead of a
+    stage 0 and fresh weights; `--resume` continues such a run without it."""
     out = Path(out)
-    claim(out, resume, overwrite, None, 0, 1, log)
+    if resume and init_from is not None:
+        raise ckpt.CheckpointError("--resume continues the run's own steps; drop --init-from")
+    claim(out, resume, overwrite, init_from, 0, 1, log)
+    if init_from is None and resume and (out / CONFIG_FILE).is_file():
+        # Started from a folder and stopped before its first step folder: start as it did.
+        init_from = json.loads((out / CONFIG_FILE).read_text()).get("init_from")
+    if init_from is not None:
+        init_from = Path(init_from)
+        stage0_from(init_from, out, log)
     folder = ckpt.latest_step(out) if resume else None
     if folder is not None:
         _check_run(folder, out)
@@ -153,6 +214,10 @@ def train_decoder(cfg: Emu3Config, out: str | Path, resume: bool = False, overwr
         first = ckpt.load_step(folder, loss_module, optimizer)["step"]
         log(f"resumed from {folder} at step {first}")
     else:
+        if init_from is not None:
+            _init_weights(loss_module.model, init_from, tok, cfg.preset)
+            cfg.init_from = str(init_from)
+            log(f"initialised from {init_from}")
         tok.save(str(out / "tokenizer.json"))
         (out / CONFIG_FILE).write_text(cfg.dumps())
         text = sum(p.numel() for n, p in loss_module.model.named_parameters() if "vqmodel" not in n)

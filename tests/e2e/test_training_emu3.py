@@ -236,3 +236,30 @@ def test_shipped_folder_is_scored_through_its_bundle_and_a_rerun_on_the_bundle_a
     for key in ("t2i_attribute_accuracy", "t2i_shuffled_baseline", "reconstruction_accuracy", "autoencode_similarity"):
         assert rerun[key] == metrics[key], key
     assert rerun["breakdown"]["t2i"] == metrics["breakdown"]["t2i"]
+
+
+def test_a_run_from_a_finished_folder_starts_at_its_weights_over_its_vq(tiny_emu3, tmp_path):
+    cfg = get_emu3_preset("tiny")
+    cfg.steps, cfg.lr, cfg.seed = 1, 1e-12, 1  # one step too small to move the weights
+    cont = tmp_path / "cont"
+    train_decoder(cfg, cont, init_from=tiny_emu3, **QUIET)
+    theirs, mine = load_file(str(tiny_emu3 / "model.safetensors")), load_file(str(cont / "model.safetensors"))
+    assert theirs.keys() == mine.keys()
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+    vq_theirs, vq_mine = (load_file(str(run / "vq" / "model.safetensors")) for run in (tiny_emu3, cont))
+    assert vq_theirs.keys() == vq_mine.keys() and all(torch.equal(vq_mine[k], v) for k, v in vq_theirs.items())
+    assert (cont / "judge.onnx").read_bytes() == (tiny_emu3 / "judge.onnx").read_bytes()
+    assert json.loads((cont / "decoder_config.json").read_text())["init_from"] == str(tiny_emu3)
+
+
+def test_a_run_from_a_folder_of_another_architecture_is_refused(tiny_emu3, tmp_path):
+    from emu_edge.training.checkpoint import CheckpointError
+
+    cfg = get_emu3_preset("tiny")
+    cfg.hidden_size *= 2
+    with pytest.raises(CheckpointError, match="not the tiny preset's architecture"):
+        train_decoder(cfg, tmp_path / "cont", init_from=tiny_emu3, **QUIET)
+    with pytest.raises(SystemExit, match="starts the decoder stage"):
+        main(["train", "--family", "emu3", "--preset", "tiny", "--out", str(tmp_path / "both"),
+              "--init-from", str(tiny_emu3)])
