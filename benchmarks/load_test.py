@@ -1,7 +1,7 @@
 """Load test of `emu-edge serve`: concurrent users through the openai SDK, on loopback.
 
     python -m benchmarks.load_test [--bundle DIR] [--requests 1000] [--users 1,4,16]
-                                   [--threads N] [--max-seconds 1500] [--json FILE]
+                                   [--threads N] [--spin] [--max-seconds 1500] [--json FILE]
 
 Starts the server (127.0.0.1, a free port; --stop-after as a backstop), warms it up,
 then runs three parts, each user a thread with the one shared client:
@@ -55,7 +55,7 @@ TARGETS = {"tokens_per_s_ratio": 4.0, "caption_ttft_p99_ratio": 5.0, "caption_un
 
 
 class Server:
-    def __init__(self, bundle: Path, threads: int | None, stop_after: float, log: Path):
+    def __init__(self, bundle: Path, threads: int | None, stop_after: float, log: Path, spin: bool = False):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -65,6 +65,8 @@ class Server:
                    "--stop-after", str(int(stop_after))]
         if threads is not None:
             command += ["--threads", str(threads)]
+        if spin:
+            command.append("--spin")
         self.log = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if not wait_until_serving(self.url, self.process, 120):
@@ -286,11 +288,12 @@ def long_probe(client, pool: dict, url: str) -> dict:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def run(bundle: Path, requests: int, users: list[int], threads: int | None, max_seconds: float, log: Path) -> dict:
+def run(bundle: Path, requests: int, users: list[int], threads: int | None, max_seconds: float, log: Path,
+        spin: bool = False) -> dict:
     import openai
 
     pool = job_pool()
-    server = Server(bundle, threads, max_seconds + 300, log)
+    server = Server(bundle, threads, max_seconds + 300, log, spin)
     left: list[int] = []
     try:
         deadline = time.monotonic() + max_seconds
@@ -312,7 +315,7 @@ def run(bundle: Path, requests: int, users: list[int], threads: int | None, max_
         sent = sum(p["requests"] for p in captions + mix) + 3 * LONG_ROUNDS
     finally:
         left = server.stop()
-    result = {"bundle": str(bundle), "users": users, "threads": threads, "requests_sent": sent,
+    result = {"bundle": str(bundle), "users": users, "threads": threads, "spin": spin, "requests_sent": sent,
               "deadline_reached": time.monotonic() > deadline, "warm_up_errors": warm, "captions": captions, "mix": mix,
               "long": probe, "rss_before_mb": rss_before / 1e6, "rss_after_mb": rss_after / 1e6,
               "rss_growth": (rss_after - rss_before) / rss_before, "processes_left": left}
@@ -379,13 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--users", default="1,4,16", help="concurrent users per part, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="the server's CPU threads per graph")
+    parser.add_argument("--spin", action="store_true", help="the server's onnxruntime threads spin (serve --spin)")
     parser.add_argument("--max-seconds", type=float, default=1500, help="no request starts after this")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--log", type=Path, default=Path("load_test_server.log"), help="the server's output")
     args = parser.parse_args(argv)
     bundle = args.bundle or default_bundle(log=lambda *a: print(*a, file=sys.stderr))
     result = run(Path(bundle), args.requests, [int(n) for n in args.users.split(",")], args.threads,
-                 args.max_seconds, args.log)
+                 args.max_seconds, args.log, args.spin)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(markdown(result))

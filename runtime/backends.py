@@ -40,7 +40,8 @@ def onnxruntime_version() -> str:
 class OnnxBackend:
     """An onnxruntime InferenceSession for one graph on one device."""
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, device_id: int = 0):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, device_id: int = 0,
+                 spin: bool = True):
         ort = import_onnxruntime()
         if device not in DEVICES:
             raise BackendError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -65,6 +66,10 @@ class OnnxBackend:
                 raise BackendError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not spin:
+            # Worker threads sleep between operators instead of spinning: a server shares the
+            # cores with its HTTP workers and other requests, and spinning burns what they need.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self.device = device
         self.device_id = device_id
@@ -116,9 +121,11 @@ class OnnxBackend:
 
 
 def create_backend(path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                   threads: int | None = None, device_id: int = 0) -> OnnxBackend:
+                   threads: int | None = None, device_id: int = 0, spin: bool = True) -> OnnxBackend:
+    """spin: onnxruntime's CPU worker threads spin between operators (faster for one stream,
+    CPU other work on the machine then lacks)."""
     if backend == "onnxruntime":
-        return OnnxBackend(path, device=device, threads=threads, device_id=device_id)
+        return OnnxBackend(path, device=device, threads=threads, device_id=device_id, spin=spin)
     if backend == "tensorrt":
         if device != "cuda":
             raise BackendError("backend='tensorrt' runs on the GPU: use device='cuda' (or backend='onnxruntime')")

@@ -97,13 +97,14 @@ class SessionPool:
 class Pipeline:
     def __init__(self, bundle: Bundle, backends: dict, max_length: int, device: str,
                  backend: str = "onnxruntime", threads: int | None = None,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS):
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, spin: bool = True):
         self.bundle = bundle
         self.backends = backends       # role -> backend, created on first use
         self.max_length = max_length
         self.device = device
         self.backend_kind = backend
         self.threads = threads
+        self.spin = spin
         self._graph_lock = threading.Lock()
         self._sessions = SessionPool(self.session, max_sessions)
         self.family = family_class(bundle.manifest.model.family)(self)
@@ -111,7 +112,7 @@ class Pipeline:
     @classmethod
     def load(cls, bundle: str | Path | Bundle, device: str = "cpu", backend: str = "onnxruntime",
              threads: int | None = None, max_length: int | None = None, verify: bool = True,
-             max_sessions: int = DEFAULT_MAX_SESSIONS) -> Pipeline:
+             max_sessions: int = DEFAULT_MAX_SESSIONS, spin: bool = True) -> Pipeline:
         """Open a bundle and create one backend per graph. max_length (default: the bundle's)
         sizes the KV cache; it cannot exceed what the decoder was exported for.
 
@@ -119,7 +120,10 @@ class Pipeline:
         once (further calls wait for one). Each holds a KV cache of
         2 x layers x batch x kv_heads x max_length x head_dim values
         (`manifest.model.kv.bytes_for(batch, max_length)`: 0.8 MB per row for the shipped
-        model at its 512 positions), allocated on first use and reused."""
+        model at its 512 positions), allocated on first use and reused.
+
+        spin: onnxruntime's CPU worker threads spin between operators, as by default; a server,
+        whose cores its own workers and other requests need, turns it off."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=verify)
         model = bundle.manifest.model
@@ -129,8 +133,8 @@ class Pipeline:
             raise ValueError(f"max_length must be in 1..{model.max_length} (the decoder's rotary tables "
                              f"end there; re-export with a larger --max-length), got {max_length}")
         backends = {"decoder": create_backend(bundle.path / bundle.manifest.role("decoder").file, backend=backend,
-                                              device=device, threads=threads)}
-        return cls(bundle, backends, max_length, device, backend, threads, max_sessions)
+                                              device=device, threads=threads, spin=spin)}
+        return cls(bundle, backends, max_length, device, backend, threads, max_sessions, spin)
 
     @property
     def manifest(self):
@@ -163,7 +167,7 @@ class Pipeline:
             if role not in self.backends:
                 spec = self.manifest.role(role)
                 self.backends[role] = create_backend(self.bundle.path / spec.file, backend=self.backend_kind,
-                                                     device=self.device, threads=self.threads)
+                                                     device=self.device, threads=self.threads, spin=self.spin)
             return self.backends[role]
 
     # -- decoder sessions ------------------------------------------------------------------

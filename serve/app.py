@@ -390,15 +390,16 @@ class StepLoop(LitLoop):
 class EmuAPI(ls.LitAPI):
     """The inference worker: loads the bundle once; StepLoop runs its engine."""
 
-    def __init__(self, bundle: str, threads: int | None, spec: EmuSpec, max_rows: int, batch_timeout: float):
+    def __init__(self, bundle: str, threads: int | None, spec: EmuSpec, max_rows: int, batch_timeout: float,
+                 spin: bool = False):
         super().__init__(batch_timeout=batch_timeout, spec=spec, loop=StepLoop())
-        self.bundle, self.threads, self.max_rows = bundle, threads, max_rows
+        self.bundle, self.threads, self.max_rows, self.spin = bundle, threads, max_rows, spin
 
     def setup(self, device):
         from emu_edge.runtime.pipeline import Pipeline
         from emu_edge.serve.engine import Engine
 
-        self.engine = Engine(Pipeline.load(self.bundle, threads=self.threads), self.max_rows)
+        self.engine = Engine(Pipeline.load(self.bundle, threads=self.threads, spin=self.spin), self.max_rows)
 
     def predict(self, x, **kwargs):
         raise NotImplementedError("StepLoop runs the engine; LitServe's own loops are not used")

@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                         help="largest input image, in pixels (default 4096 x 4096)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per graph (default: onnxruntime's)")
+    parser.add_argument("--spin", action="store_true",
+                        help="let onnxruntime's worker threads spin between operators (off by default: under load "
+                             "the CPU they burn is what other requests and the server's workers need)")
     parser.add_argument("--stop-after", type=float, default=None,
                         help="stop by itself after this many seconds (tests, timed demos)")
     group = parser.add_argument_group("Ray Serve (--ray, the [ray] extra: replicas, autoscaling, a cluster)")
@@ -91,7 +94,7 @@ def run(args) -> int:
     from emu_edge.serve.app import EmuAPI, EmuSpec
 
     spec = EmuSpec(model_ids, limits, api_key=args.api_key, max_queue=args.max_queue)
-    api = EmuAPI(str(bundle.path), args.threads, spec, args.max_batch, args.batch_timeout)
+    api = EmuAPI(str(bundle.path), args.threads, spec, args.max_batch, args.batch_timeout, args.spin)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=args.timeout,
                           max_payload_size=int(args.max_body_mb * 1024 * 1024))
     # LitServe stops its workers on SIGINT but orphans them on SIGTERM: make both the same.

@@ -100,14 +100,14 @@ class Replica:
     """One Ray Serve replica: the bundle loaded once, its engine, the routes."""
 
     def __init__(self, bundle: str, threads: int | None, max_rows: int, batch_timeout: float, max_body: int,
-                 model_ids: list[str], limits, api_key: str | None, max_queue: int):
+                 model_ids: list[str], limits, api_key: str | None, max_queue: int, spin: bool = False):
         from ray import serve
 
         from emu_edge.runtime.pipeline import Pipeline
         from emu_edge.serve.engine import Engine
 
         replica = serve.get_replica_context().replica_id.unique_id
-        engine = Engine(Pipeline.load(bundle, threads=threads), max_rows)
+        engine = Engine(Pipeline.load(bundle, threads=threads, spin=spin), max_rows)
         self.routes = EngineRoutes(engine, batch_timeout, max_body, model_ids, limits, api_key, max_queue,
                                    replica=replica)
 
@@ -121,7 +121,7 @@ class Replica:
 def build(bundle: str, threads: int | None, max_rows: int, batch_timeout: float, max_body: int, model_ids: list[str],
           limits, api_key: str | None, max_queue: int, replicas: int = 1, min_replicas: int | None = None,
           max_replicas: int | None = None, target_ongoing_requests: float | None = None,
-          replica_cpus: float = 1.0):
+          replica_cpus: float = 1.0, spin: bool = False):
     """The Ray Serve application (Deployment.bind()): `replicas` fixed, or autoscaled
     between min_replicas and max_replicas when either is given."""
     from ray import serve
@@ -136,7 +136,7 @@ def build(bundle: str, threads: int | None, max_rows: int, batch_timeout: float,
     deployment = serve.deployment(serve.ingress()(Replica), name=APP_NAME, max_ongoing_requests=max_queue,
                                   ray_actor_options={"num_cpus": replica_cpus}, **scaling)
     return deployment.bind(bundle, threads, max_rows, batch_timeout, max_body, model_ids, limits, api_key,
-                           max_queue)
+                           max_queue, spin)
 
 
 def run(args, bundle: str, model_ids: list[str], limits) -> int:
@@ -157,7 +157,7 @@ def run(args, bundle: str, model_ids: list[str], limits) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build(bundle, args.threads, args.max_batch, args.batch_timeout, int(args.max_body_mb * 1024 * 1024),
                     model_ids, limits, args.api_key, args.max_queue, args.replicas, args.min_replicas,
-                    args.max_replicas, args.target_ongoing_requests, args.replica_cpus)
+                    args.max_replicas, args.target_ongoing_requests, args.replica_cpus, args.spin)
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"serving {bundle} as {', '.join(model_ids)} on http://{args.host}:{args.port}/v1 (Ray Serve, "
               f"pid {os.getpid()})", file=sys.stderr, flush=True)

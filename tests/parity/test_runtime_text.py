@@ -357,6 +357,16 @@ def test_backend_errors_are_clear(bundles):
             create_backend(path, device="cuda")
 
 
+def test_a_pipeline_without_spinning_runs_every_graph_without_it_and_answers_the_same(bundles):
+    key = "session.intra_op.allow_spinning"
+    spinning, still = (Pipeline.load(bundles("gqa"), spin=spin) for spin in (True, False))
+    assert still.graph("decoder").session.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match=key):   # not set: onnxruntime's default, spinning
+        spinning.graph("decoder").session.get_session_options().get_session_config_entry(key)
+    prompts = np.random.default_rng().integers(3, spinning.manifest.model.vocab_size, (2, 9)).tolist()
+    assert spinning.generate_ids(prompts, 12, ignore_eos=True) == still.generate_ids(prompts, 12, ignore_eos=True)
+
+
 # -- export errors ----------------------------------------------------------------------
 
 
