@@ -177,6 +177,9 @@ def show(pipe, family: str, out: Path, timer: Timer, seed: int) -> tuple[list[li
             image.save(out / f"edit_{i}.png")
             report["edit"].append({"source": f"edit_{i}_source.png", "instruction": edit, "image": f"edit_{i}.png"})
             image_row += [(source, "source"), (image, f"'{edit}'")]
+    else:
+        # Empty cells where emu2's edits are, so both models' autoencode pairs share columns.
+        image_row += [(None, "no subject-driven edits: emu3 draws from text")] + [(None, "")] * (2 * len(EDITS) - 1)
     _say("  autoencoding")
     original = Image.fromarray(sources[-1].segments[0].value)
     # emu2: through the vision encoder and the U-Net; emu3: the VQ-VAE's round trip
@@ -190,7 +193,8 @@ def show(pipe, family: str, out: Path, timer: Timer, seed: int) -> tuple[list[li
 
 def contact_sheet(blocks: list[tuple[str, list[list[tuple[Image.Image, str]]]]]) -> Image.Image:
     """A block per model: its title, then its rows of images, enlarged (nearest neighbour:
-    the pixels are the point) with a label under each; the same task in the same column."""
+    the pixels are the point) with a label under each; the same task in the same column
+    (an image None leaves its cell empty but for the label)."""
     label_h, title_h = 34, 22
     rows = [row for _, block in blocks for row in block]
     columns = max([COLUMNS, *map(len, rows)])
@@ -205,7 +209,8 @@ def contact_sheet(blocks: list[tuple[str, list[list[tuple[Image.Image, str]]]]])
         for row in block:
             for i, (image, label) in enumerate(row):
                 x = i * CELL
-                sheet.paste(image.convert("RGB").resize((CELL, CELL), Image.NEAREST), (x, y))
+                if image is not None:
+                    sheet.paste(image.convert("RGB").resize((CELL, CELL), Image.NEAREST), (x, y))
                 words, lines = label.split(), [""]
                 for w in words:  # wrap to the cell width
                     if draw.textlength(f"{lines[-1]} {w}".strip()) > CELL - 4:
