@@ -316,6 +316,8 @@ def train(cfg: EmuConfig, out: str | Path, stages: list[str], resume: bool = Fal
     log = print if rank == 0 else (lambda *a, **k: None)
     if resume and init_from is not None:
         raise ckpt.CheckpointError("--resume continues the run's own steps; drop --init-from")
+    if resume and ((out / "vq").is_dir() or (out / "decoder_config.json").is_file()):
+        raise ckpt.CheckpointError(f"--resume: {out} holds an emu3 run (vq/, the decoder stage); pass --family emu3")
     claim(out, resume, overwrite, init_from, rank, world, log)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = prepare(cfg, out, resume, log, Path(init_from) if init_from is not None else None)

@@ -208,6 +208,8 @@ def test_the_decoder_stage_over_a_finished_stage_0_needs_resume(stage0, tmp_path
     with pytest.raises(SystemExit) as e:
         main(["train", "--family", "emu3", "--preset", "tiny", "--stages", "1", "--out", str(run)])
     assert "--resume" in str(e.value)
+    with pytest.raises(SystemExit, match="holds an emu3 run .* pass --family emu3"):
+        main(["train", "--preset", "tiny", "--out", str(run), "--resume"])
 
 
 def test_shipped_folder_is_scored_through_its_bundle_and_a_rerun_on_the_bundle_agrees(tiny_emu3, tmp_path):
