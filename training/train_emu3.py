@@ -184,13 +184,13 @@ def train_decoder(cfg: Emu3Config, out: str | Path, resume: bool = False, overwr
     if resume and init_from is not None:
         raise ckpt.CheckpointError("--resume continues the run's own steps; drop --init-from")
     claim(out, resume, overwrite, init_from, 0, 1, log)
-    if init_from is None and resume and (out / CONFIG_FILE).is_file():
+    folder = ckpt.latest_step(out) if resume else None
+    if init_from is None and resume and folder is None and (out / CONFIG_FILE).is_file():
         # Started from a folder and stopped before its first step folder: start as it did.
         init_from = json.loads((out / CONFIG_FILE).read_text()).get("init_from")
     if init_from is not None:
         init_from = Path(init_from)
         stage0_from(init_from, out, log)
-    folder = ckpt.latest_step(out) if resume else None
     if folder is not None:
         _check_run(folder, out)
     vq, processor, size = load_stage0(out)
