@@ -135,17 +135,17 @@ def load_source(checkpoint: Path):
         raise ckpt.CheckpointError(f"--init-from {checkpoint}: Emu3ForConditionalGeneration cannot load it: {e}") from e
 
 
-def stage0_from(checkpoint: Path, out: Path, log=print) -> None:
+def stage0_from(source, checkpoint: Path, out: Path, log=print) -> None:
     """Stage 0 of a run that starts from a finished emu3 folder: the folder's own VQ-VAE
     (in fp32; a shipped folder's is fp16, and the decoder goes on learning its codes) and
     judge, written into `out` as vq/ and judge.onnx. A stage 0 already there (a resumed
-    start) must be that VQ-VAE."""
+    start) must be that VQ-VAE. source: the folder loaded (load_source)."""
     from transformers import Emu3ImageProcessor
 
     from emu_edge.training.evaluate_vq import load_vq
     from emu_edge.training.train_vq import save_vq
 
-    vq = load_source(checkpoint).model.vqmodel
+    vq = source.model.vqmodel
     if (out / "vq").is_dir():
         mine = load_vq(out)[0].state_dict()
         if mine.keys() != vq.state_dict().keys() or any(
@@ -162,8 +162,7 @@ def stage0_from(checkpoint: Path, out: Path, log=print) -> None:
     log(f"stage 0 (vq/, judge.onnx) taken from {checkpoint}")
 
 
-def _init_weights(model, checkpoint: Path, tok, preset: str) -> None:
-    source = load_source(checkpoint)
+def _init_weights(model, source, checkpoint: Path, tok, preset: str) -> None:
     if source.config.vocabulary_map != tok.get_vocab():
         raise ckpt.CheckpointError(f"--init-from {checkpoint}: its vocabulary is not the {preset} preset's")
     try:
@@ -188,9 +187,11 @@ def train_decoder(cfg: Emu3Config, out: str | Path, resume: bool = False, overwr
     if init_from is None and resume and folder is None and (out / CONFIG_FILE).is_file():
         # Started from a folder and stopped before its first step folder: start as it did.
         init_from = json.loads((out / CONFIG_FILE).read_text()).get("init_from")
+    source = None
     if init_from is not None:
         init_from = Path(init_from)
-        stage0_from(init_from, out, log)
+        source = load_source(init_from)
+        stage0_from(source, init_from, out, log)
     if folder is not None:
         _check_run(folder, out)
     vq, processor, size = load_stage0(out)
@@ -215,7 +216,7 @@ def train_decoder(cfg: Emu3Config, out: str | Path, resume: bool = False, overwr
         log(f"resumed from {folder} at step {first}")
     else:
         if init_from is not None:
-            _init_weights(loss_module.model, init_from, tok, cfg.preset)
+            _init_weights(loss_module.model, source, init_from, tok, cfg.preset)
             cfg.init_from = str(init_from)
             log(f"initialised from {init_from}")
         tok.save(str(out / "tokenizer.json"))
