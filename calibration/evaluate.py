@@ -112,7 +112,9 @@ def _score(pipe, judge: Judge, split: str, size: int, n: dict, guidance, log) ->
 
     objects = digits = None
     if "judge" in n or "reconstruction" in n:
-        m = n.get("reconstruction", n.get("judge"))
+        # One pool for both; each takes its own count of it (half scenes, half digits), so
+        # --only judge and the full eval score the same images.
+        m = max(n.get("reconstruction", 0), n.get("judge", 0))
         objects = data.one_object(data.text_to_image(split, 4 * m, size=size), m // 2 + m % 2)
         digits = data.digits(split, m // 2, size=size)
     if "judge" in n:
@@ -121,8 +123,10 @@ def _score(pipe, judge: Judge, split: str, size: int, n: dict, guidance, log) ->
                                                           lambda images: images)[0]))
         log(f"  judge: {results['judge_accuracy']:.3f}")
     if "reconstruction" in n:
+        m = n["reconstruction"]
         hits, parts, features, truth = _judged(
-            judge, objects, digits, lambda images: np.stack([np.asarray(pipe.autoencode(im)) for im in _pil(images)]))
+            judge, objects[:m // 2 + m % 2], digits[:m // 2],
+            lambda images: np.stack([np.asarray(pipe.autoencode(im)) for im in _pil(images)]))
         results["reconstruction_accuracy"] = float(np.mean(hits))
         results["autoencode_similarity"] = float(np.mean(Judge.cosine(features, truth)))
         breakdown["reconstruction"] = parts
