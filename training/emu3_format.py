@@ -106,7 +106,8 @@ class CodeCache:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """uint8 [S, S, 3] -> int64 codes [S/f, S/f]."""
-        key = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest() + bytes(image.shape)
+        pixels = np.ascontiguousarray(image)
+        key = hashlib.blake2b(pixels.tobytes(), digest_size=16).digest() + repr(pixels.shape).encode()
         if key not in self._codes:
             import torch
 

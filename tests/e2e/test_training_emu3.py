@@ -77,6 +77,9 @@ def test_sequences_are_written_in_emu3_formats(stage0):
     assert [t for t in seq.targets if t != -100] == seq.ids[len(header):]
     dropped = fmt.encode(t2i, codes, drop_prompt=True)
     assert dropped.ids[:2] == [ids.bos, ids.boi] and dropped.ids[-24:] == seq.ids[-24:]
+    # Sides of 256 and more are keyed too (one byte per side could not hold them).
+    big = np.zeros((256, 256, 3), np.uint8)
+    assert codes(big).shape == (32, 32) and codes(big[:, :128]).shape == (32, 16) and len(codes) == 3
 
     vqa = data.vqa("train", 1, size=32)[0]
     seq = fmt.encode(vqa, codes)
