@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from emu_edge import data
+from emu_edge.runtime.bench import bundle_size
 from emu_edge.runtime.demo import image_size
 from emu_edge.runtime.shipped import SHIPPED, shipped_checkpoint
 
@@ -29,10 +30,6 @@ from .peers import export_bundle, export_hf_bundle, load_pipeline, quantized_bun
 
 FAMILIES = ("emu2", "emu3")
 PROMPT = "a red circle"
-
-
-def bundle_mb(bundle: Path) -> float:
-    return sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 1e6
 
 
 def bundles(family: str, work: Path, threads: int) -> dict[str, Path]:
@@ -78,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {}
     for precision in ("fp32", "int4"):
         lines.append(f"| bundle size, decoder {precision} | " + " | ".join(
-            f"{bundle_mb(made[f][precision]):.1f} MB" for f in FAMILIES) + " |")
+            f"{bundle_size(made[f][precision]) / 1e6:.1f} MB" for f in FAMILIES) + " |")
     for task, what in (("caption", "time to caption"), ("image", "time per generated image")):
         for precision in ("fp32", "int4"):
             cells = []

@@ -25,11 +25,6 @@ from pathlib import Path
 
 from .presets import built_once
 
-# Emu3's own token names (transformers' Emu3Processor and Emu3ImageVocabularyMapping look
-# them up); ids are whatever the tokenizer gives them.
-SPECIAL = ("<|image start|>", "<|image end|>", "<|image token|>", "<|extra_200|>", "<|extra_201|>", "<image>")
-PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-
 
 @dataclass(frozen=True)
 class Emu3Preset:
@@ -48,7 +43,7 @@ class Emu3Preset:
 
 
 # Bumped when the builder changes, so cached folders are rebuilt.
-INIT_VERSION = 1
+INIT_VERSION = 2
 
 EMU3_PRESETS: dict[str, Emu3Preset] = {p.name: p for p in [
     Emu3Preset("emu3-30m", "Emu3, text model hidden 512, 8 layers, vocab 4096 (~30M); VQ-VAE width 32",
@@ -69,22 +64,12 @@ EMU3_PRESETS: dict[str, Emu3Preset] = {p.name: p for p in [
 
 
 def build_tokenizer(preset: Emu3Preset):
-    """A byte-level BPE on the data layer's caption corpus (so prompts like "a red circle"
-    are a few ordinary tokens), then Emu3's special tokens, then one visual token per code,
-    all added as special tokens as Emu3's own tokenizer.json holds them."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The trained model's tokenizer at the preset's sizes (training/emu3_format.py): a
+    byte-level BPE on the data layer's caption corpus (so prompts like "a red circle" are a
+    few ordinary tokens), then Emu3's special tokens, then one visual token per code."""
+    from emu_edge.training.emu3_format import build_tokenizer as emu3_tokenizer
 
-    from emu_edge import data
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=preset.text_vocab, special_tokens=[PAD, BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(data.corpus(), trainer)
-    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SPECIAL])
-    tok.add_special_tokens([AddedToken(f"<|visual token {c:06d}|>", special=True, normalized=False)
-                            for c in range(preset.vq["codebook_size"])])
+    tok = emu3_tokenizer(preset.text_vocab, preset.vq["codebook_size"])
     if tok.get_vocab_size() > preset.text["vocab_size"]:
         raise ValueError(f"{preset.name}: the tokenizer has {tok.get_vocab_size()} ids, more than the text model's "
                          f"vocabulary of {preset.text['vocab_size']}")
@@ -114,6 +99,8 @@ def build_folder(preset: Emu3Preset, out: Path, seed: int = 0) -> Path:
     """Write the preset's random Emu3ForConditionalGeneration folder to `out`."""
     import torch
     from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, GenerationConfig
+
+    from emu_edge.training.emu3_format import BOS, EOS, PAD
 
     tok = build_tokenizer(preset)
     ids = {name: tok.token_to_id(name) for name in (PAD, BOS, EOS)}

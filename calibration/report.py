@@ -251,7 +251,7 @@ def _llm(fp32_pipe: Pipeline, variant_pipe: Pipeline, s: ReportSettings, fp32: d
 
 def t2i_prompts(n: int, size: int) -> list:
     """One-object test-split prompts, as `emu-edge eval` picks them."""
-    return [x for x in data.text_to_image("test", 4 * n, size=size) if len(x.meta["scene"].objects) == 1][:n]
+    return data.one_object(data.text_to_image("test", 4 * n, size=size), n)
 
 
 def _images(fp32_pipe: Pipeline, variant_pipe: Pipeline, bundle: Bundle, s: ReportSettings, fp32: dict) -> dict:

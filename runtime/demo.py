@@ -166,7 +166,7 @@ def show(pipe, family: str, out: Path, timer: Timer, seed: int) -> tuple[list[li
         generated_row.append((image, f"'{prompt}'"))
         _say(f"    generate_{i}.png: {prompt!r} (the model captions it {caption!r})")
 
-    sources = [s for s in data.captioning("test", 12, size=size) if len(s.meta["scene"].objects) == 1]
+    sources = data.one_object(data.captioning("test", 12, size=size), 12)
     if family == "emu2":
         _say("  subject-driven edits")
         report["edit"] = []

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from emu_edge.runtime.bench import bundle_size
 from emu_edge.training.checkpoint import (CheckpointError, latest_step, load_checkpoint, load_step,
                                           save_checkpoint)
 
@@ -87,8 +88,7 @@ def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, g
         from emu_edge.training.judge import train_judge
 
         train_judge(cfg, dst / "judge.onnx")
-    size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
-    print(f"shipped {src} -> {dst} ({size / 1e6:.1f} MB, {dtype})")
+    print(f"shipped {src} -> {dst} ({bundle_size(dst) / 1e6:.1f} MB, {dtype})")
     return dst
 
 
@@ -115,8 +115,7 @@ def ship_emu3(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float
     dst.mkdir(parents=True, exist_ok=True)
     save_folder(model.model.eval(), tokenizer, processor, cfg, dst, dtype=dtype)
     shutil.copyfile(src / "judge.onnx", dst / "judge.onnx")
-    size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
-    print(f"shipped {step} -> {dst} ({size / 1e6:.1f} MB, {dtype})")
+    print(f"shipped {step} -> {dst} ({bundle_size(dst) / 1e6:.1f} MB, {dtype})")
     return dst
 
 

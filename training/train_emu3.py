@@ -115,13 +115,6 @@ def global_sequences(cfg: Emu3Config, step: int, fmt: Emu3Format, codes: CodeCac
     return [fmt.encode(s, codes, drop_prompt=d) for s, d in zip(samples, drop)]
 
 
-def _check_run(folder: Path, out: Path) -> None:
-    state = json.loads((folder / "state.json").read_text())
-    if state.get("family") != FAMILY:
-        raise ckpt.CheckpointError(f"--resume: {out} holds an emu2 run; resume it without --family emu3, or choose "
-                                   "another --out")
-
-
 def load_source(checkpoint: Path):
     """The finished emu3 folder a run starts from (--init-from), in fp32."""
     from transformers import Emu3ForConditionalGeneration
@@ -193,7 +186,9 @@ def train_decoder(cfg: Emu3Config, out: str | Path, resume: bool = False, overwr
         source = load_source(init_from)
         stage0_from(source, init_from, out, log)
     if folder is not None:
-        _check_run(folder, out)
+        from emu_edge.training.train_vq import check_family
+
+        check_family(folder, out)
     vq, processor, size = load_stage0(out)
     state = json.loads((folder / "state.json").read_text()) if folder is not None else {}
     continuing = state.get("stage") == STAGE

@@ -48,11 +48,12 @@ def psnr(recon: torch.Tensor, target: torch.Tensor, processor) -> torch.Tensor:
     return 10 * torch.log10(1 / err.clamp(min=1e-10))
 
 
-def _check_family(folder: Path) -> None:
+def check_family(folder: Path, out: Path) -> None:
+    """The step folder being resumed in `out` belongs to an emu3 run (either stage)."""
     state = json.loads((folder / "state.json").read_text())
     if state.get("family") != FAMILY:
-        raise ckpt.CheckpointError(f"--resume: {folder.parent.parent} holds an emu2 run; resume it without "
-                                   "--family emu3, or choose another --out")
+        raise ckpt.CheckpointError(f"--resume: {out} holds an emu2 run; resume it without --family emu3, or "
+                                   "choose another --out")
 
 
 def train_vq(cfg: VQConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -77,7 +78,7 @@ def train_vq(cfg: VQConfig, out: str | Path, resume: bool = False, overwrite: bo
     processor = image_processor(cfg)
     first = 0
     if folder is not None:
-        _check_family(folder)
+        check_family(folder, out)
         check_same_stream(cfg, out)
         first = ckpt.load_step(folder, trainer, optimizer)["step"]
         log(f"resumed from {folder} at step {first}")
