@@ -92,6 +92,17 @@ def test_the_variants_graphs(variants, emu3_bundle, precision):
         "auto_excluded_nodes", []))
 
 
+def test_a_trained_models_agreement_gets_a_verdict():
+    from emu_edge.calibration.report import _targets
+
+    report = {"precisions": {"decoder": "int4"}, "fp32": {"answer_accuracy": 0.9},
+              "text_token_agreement": 0.95, "image_token_agreement": 0.85}
+    targets = _targets(report, "int4")
+    assert targets["text_token_agreement"] == {"target": ">= 0.9", "value": 0.95, "met": True}
+    assert targets["image_token_agreement"] == {"target": ">= 0.9", "value": 0.85, "met": False}
+    assert _targets({**report, "fp32": {"answer_accuracy": 0.4}}, "int4")["text_token_agreement"]["met"] is None
+
+
 @pytest.mark.parametrize("precision", VARIANTS)
 def test_report(variants, precision):
     path, report = variants[precision]
