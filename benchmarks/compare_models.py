@@ -1,7 +1,7 @@
 """The two shipped models side by side: the Emu2-style `emu-edge-small` (continuous
 embeddings, a U-Net draws them) and the Emu3-style `emu3-edge-small` (discrete VQ tokens).
 
-    python -m benchmarks.compare_models [--rounds 5] [--threads 2] [--work DIR] [--json F]
+    python -m benchmarks.compare_models [--rounds 11] [--threads 2] [--work DIR] [--json F]
 
 Every eval metric comes from each folder's committed eval.json (`emu-edge eval` on the same
 test split reproduces it). Timed here, interleaved in rounds in one process after a warm-up
@@ -49,7 +49,7 @@ def peers(pipe, family: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_models", description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/results/compare"))
     parser.add_argument("--json", type=Path, help="write the figures here too")
