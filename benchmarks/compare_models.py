@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from emu_edge import data
-from emu_edge.runtime.bench import bundle_size
+from emu_edge.runtime.bundle import bundle_size
 from emu_edge.runtime.demo import image_size
 from emu_edge.runtime.shipped import SHIPPED, shipped_checkpoint
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from emu_edge.cli import thread_count
+from emu_edge.runtime.bundle import bundle_size
 
 PREFILL_LENGTHS = (16, 64, 256)
 CONTEXT_LENGTHS = (128, 256, 512, 1024, 2048)
@@ -307,10 +308,6 @@ def measure_scaling(pipe, rng, repeat: int, quick: bool = False) -> dict:
 
 
 # -- the machine ----------------------------------------------------------------------------
-
-
-def bundle_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def reset_peak_rss() -> bool:

@@ -25,6 +25,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def bundle_size(path: str | Path) -> int:
+    """Bytes of every file under a folder (a bundle, a checkpoint)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def version_key(version: str) -> tuple[int, ...]:
     parts = []
     for p in version.split(".")[:3]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from emu_edge.runtime.bench import bundle_size
+from emu_edge.runtime.bundle import bundle_size
 from emu_edge.training.checkpoint import (CheckpointError, latest_step, load_checkpoint, load_step,
                                           save_checkpoint)
 

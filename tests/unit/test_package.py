@@ -88,7 +88,7 @@ def test_runtime_imports_without_torch():
 
 # Training shares only the runtime's torch-free prompt, scheduler and judge modules (the
 # sequences it trains on are the ones the runtime builds; DESIGN.md, "Dependency direction"),
-# and runtime.bundle's overlap(), the one check that an output folder is not an input.
+# and runtime.bundle's folder helpers (overlap(): an output folder is not an input; bundle_size()).
 TRAINING_MAY_IMPORT_FROM_RUNTIME = {"emu_edge.runtime.prompt", "emu_edge.runtime.schedulers",
                                     "emu_edge.runtime.judge", "emu_edge.runtime.bundle"}
 
