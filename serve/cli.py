@@ -98,6 +98,9 @@ def run(args) -> int:
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=args.timeout,
                           max_payload_size=int(args.max_body_mb * 1024 * 1024))
     # LitServe stops its workers on SIGINT but orphans them on SIGTERM: make both the same.
+    # A shell starts a background job (`emu-edge serve &`, nohup) with SIGINT ignored, and
+    # Python keeps it so: without its handler, neither signal nor --stop-after would stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     if args.stop_after is not None:
         timer = threading.Timer(args.stop_after, lambda: os.kill(os.getpid(), signal.SIGINT))

@@ -35,7 +35,7 @@ KEY = "test-key-123"
 
 
 class Server:
-    def __init__(self, bundle, *options: str):
+    def __init__(self, bundle, *options: str, ignore_sigint: bool = False):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -44,7 +44,9 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "emu_edge.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
              "--threads", "1", "--stop-after", "400", *options],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+            # as a shell starts a background job (`emu-edge serve &`): SIGINT ignored
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
         if not wait_until_serving(self.url, self.process, 90):
             self.process.kill()
             raise RuntimeError(f"the server did not start: {self.process.stdout.read()}")
@@ -341,6 +343,12 @@ def test_emu3_chat_and_images_with_an_api_key(emu3):
 
 
 # -- a full queue and a timeout ----------------------------------------------------------
+
+
+def test_a_server_started_in_the_background_stops_on_sigterm(tiny_bundle):
+    server = Server(tiny_bundle, ignore_sigint=True)
+    assert server.client().models.list().data
+    server.stop()   # within 30 s, leaving no process
 
 
 def test_a_full_queue_answers_429_and_a_late_request_504(tiny_bundle):
