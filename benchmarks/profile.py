@@ -1,6 +1,8 @@
 """Where a bundle's time goes, per operator, and what the weight-reading kernels alone cost.
 
     python -m benchmarks.profile BUNDLE [--graph decoder|unet] [--threads 2] [--steps 128]
+    python -m benchmarks.profile BUNDLE --genai GENAI_MODEL_DIR [--threads 2]
+    python -m benchmarks.profile BUNDLE --guidance [--threads 2]
 
 decoder: a batch-1 decode step (16-token prefill, then `--steps` steps on a cache of
 prompt + steps positions, as the side-by-side suite decodes). Besides the profile it runs
@@ -8,6 +10,16 @@ the graph's MatMul / MatMulNBits / Gemm nodes alone, with the same weights, as o
 with nothing else in it: that is what onnxruntime's kernels need just to read the weights,
 the floor under any graph built from them, in time and in GB/s. And it times the text
 loop's own Python per token (Pipeline.generate_ids with the graph runs made no-ops).
+
+--genai DIR: our text loop (Pipeline.generate_ids) and onnxruntime-genai's own loop on the
+same decoder (DIR: its model builder's folder), each beside its graph run alone through
+onnxruntime's Python API (one token at the middle of the loop's cache, KV buffers bound in
+place), and each call of one token (setup and prefill), all interleaved: what a later
+token costs in each loop, and how much of it is the graph.
+
+--guidance: the decoder graph alone at batch 2 against batch 1 (one token per row at
+position 600, or the middle of a shorter context), interleaved: what a guided image's
+second row costs the graph itself.
 
 unet: one batch-2 call (guidance) at the bundle's resolution; each Conv's throughput in
 GFLOP/s from its shapes, to compare with the CPU's peak.
@@ -171,6 +183,120 @@ def loop_python_us(bundle: Path, threads: int, prompt: int, steps: int) -> float
     return float(np.min(_per_unit_ms(timed["loop"]))) * 1e3
 
 
+ROUNDS_VS_GENAI = 15   # steps of a small decoder are tens of microseconds: more rounds than usual
+
+
+def _graph_steps(session, feeds: dict, kv: dict, logits: str, steps: int):
+    """`steps` runs of a decoder graph on one token at a fixed position, its KV buffers
+    bound as both past and present (as both loops bind them): the graph alone, no loop."""
+    from onnxruntime import OrtValue
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(value))
+    for past, present in kv.items():
+        buffer = OrtValue.ortvalue_from_numpy(feeds[past])
+        binding.bind_ortvalue_input(past, buffer)
+        binding.bind_ortvalue_output(present, buffer)
+    binding.bind_output(logits)
+
+    def run():
+        for _ in range(steps):
+            session.run_with_iobinding(binding)
+    return run
+
+
+def _our_graph_steps(session, manifest, batch: int, length: int, position: int, token: int, steps: int):
+    """_graph_steps on one of our decoders: `batch` rows at `position` of a `length` cache."""
+    role, kv = manifest.role("decoder"), manifest.model.kv
+    name = role.name
+    rng = np.random.default_rng(0)
+    pairs = [(name(f"past_{r}", i), name(f"present_{r}", i)) for i in range(kv.num_layers) for r in ("key", "value")]
+    feeds = {name("input_ids"): np.full((batch, 1), token, np.int64),
+             name("seqlens_k"): np.full(batch, position, np.int32),
+             name("total_sequence_length"): np.array(position + 1, np.int32)}
+    feeds.update({past: rng.standard_normal([batch, kv.num_kv_heads, length, kv.head_dim], dtype=np.float32)
+                  for past, _ in pairs})
+    if role.has("image_embeds"):
+        width = next(i.shape[1] for i in session.get_inputs() if i.name == name("image_embeds"))
+        feeds[name("image_embeds")] = np.zeros([0, width], np.float32)
+    return _graph_steps(session, feeds, dict(pairs), name("logits"), steps)
+
+
+def guidance_cost(bundle: Path, threads: int, position: int = 600, steps: int = 64) -> dict:
+    """The decoder graph alone at batch 2 (a guided image's two rows) against batch 1, at
+    one position of the cache, interleaved: what guidance costs the graph itself."""
+    from emu_edge.runtime.bundle import Bundle
+
+    manifest = Bundle.open(bundle, verify=False).manifest
+    session = _session(bundle / manifest.role("decoder").file, threads)
+    token = next(i for i in range(manifest.model.vocab_size) if i not in manifest.model.special_ids())
+    position = min(position, manifest.model.max_length // 2 - 1)   # a model with fewer positions
+    length = 2 * position
+    peers = {f"batch {b}": _our_graph_steps(session, manifest, b, length, position, token, steps) for b in (1, 2)}
+    timed = interleave(None, peers, rounds=ROUNDS_VS_GENAI, work=steps)
+    ms = {k: float(np.median(_per_unit_ms(t))) for k, t in timed.items()}
+    return {"bundle": str(bundle), "threads": threads, "position": position, "step_ms": ms,
+            "cost": ms["batch 2"] / ms["batch 1"]}
+
+
+def versus_genai(bundle: Path, genai_dir: Path, threads: int, steps: int, prompt: int = 16) -> dict:
+    """Our text loop and onnxruntime-genai's on the same decoder, each beside its graph run
+    alone (one token at the middle position of the loop's cache, `steps` times), all four
+    interleaved: per token, what each loop adds to its graph."""
+    from emu_edge.runtime.pipeline import Pipeline
+
+    from .peers import genai_generate, ours_generate
+
+    length = prompt + steps
+    pipe = Pipeline.load(bundle, threads=threads, max_length=length, verify=False)
+    spec = pipe.manifest.model
+    special = spec.special_ids()
+    rng = np.random.default_rng(0)
+    ids = rng.choice([i for i in range(spec.vocab_size) if i not in special], prompt + 1).tolist()
+    position = prompt + steps // 2
+    genai = _session(genai_dir / "model.onnx", threads)
+    genai_kv = [(f"past_key_values.{i}.{r}", f"present.{i}.{r}") for i in range(spec.kv.num_layers)
+                for r in ("key", "value")]
+    genai_feeds = {"input_ids": np.array([[ids[-1]]], np.int64), "attention_mask": np.ones((1, position + 1), np.int64)}
+    genai_feeds.update({past: rng.standard_normal([1, spec.kv.num_kv_heads, length, spec.kv.head_dim],
+                                                  dtype=np.float32) for past, _ in genai_kv})
+    peers = {"emu-edge loop": ours_generate(pipe, ids[:prompt], steps),
+             "emu-edge prefill": ours_generate(pipe, ids[:prompt], 1),
+             "emu-edge graph alone": _our_graph_steps(pipe.backends["decoder"].session, pipe.manifest, 1, length,
+                                                      position, ids[-1], steps),
+             "onnxruntime-genai loop": genai_generate(genai_dir, ids[:prompt], steps),
+             "onnxruntime-genai prefill": genai_generate(genai_dir, ids[:prompt], 1),
+             "onnxruntime-genai graph alone": _graph_steps(genai, genai_feeds, dict(genai_kv), "logits", steps)}
+    work = {k: 1 if k.endswith("prefill") else steps for k in peers}
+    timed = interleave(None, peers, rounds=ROUNDS_VS_GENAI, work=work)
+    us = {k: float(np.median(_per_unit_ms(t))) * 1e3 for k, t in timed.items()}
+    for who in ("emu-edge", "onnxruntime-genai"):
+        # A token of the loop past the first: the call less its setup and prefill, per token.
+        us[f"{who} step"] = (us[f"{who} loop"] * steps - us[f"{who} prefill"]) / (steps - 1)
+    return {"bundle": str(bundle), "genai": str(genai_dir), "threads": threads, "steps": steps, "us_per_token": us,
+            "spread_us": {k: [float(x * 1e3) for x in (_per_unit_ms(t).min(), _per_unit_ms(t).max())]
+                          for k, t in timed.items()}}
+
+
+def report_versus(result: dict) -> str:
+    us, spread = result["us_per_token"], result["spread_us"]
+    lines = [f"{result['bundle']} vs {result['genai']}, {result['threads']} threads, {result['steps']} tokens, "
+             f"{ROUNDS_VS_GENAI} interleaved rounds: us per token, median [min-max]", "",
+             "| | whole call, per token | setup + prefill + 1 token | a later token | graph alone | "
+             "a later token less the graph |", "|---|---:|---:|---:|---:|---:|"]
+    for who in ("emu-edge", "onnxruntime-genai"):
+        cells = [f"{us[k]:.1f} [{spread[k][0]:.1f}-{spread[k][1]:.1f}]"
+                 for k in (f"{who} loop", f"{who} prefill", f"{who} graph alone")]
+        step = us[f"{who} step"]
+        lines.append(f"| {who} | {cells[0]} | {cells[1]} | {step:.1f} | {cells[2]} | "
+                     f"{step - us[f'{who} graph alone']:+.1f} |")
+    ratio = {k: us[f"onnxruntime-genai {k}"] / us[f"emu-edge {k}"] for k in ("loop", "step", "graph alone")}
+    lines += ["", f"emu-edge vs onnxruntime-genai (above 1: ours faster): whole call {ratio['loop']:.2f}x, "
+                  f"a later token {ratio['step']:.2f}x, graph alone {ratio['graph alone']:.2f}x"]
+    return "\n".join(lines)
+
+
 def profile_unet(bundle: Path, threads: int, runs: int = 10) -> dict:
     sess = _session(bundle / "unet.onnx", threads)
     rng = np.random.default_rng(0)
@@ -240,8 +366,26 @@ def main(argv=None) -> None:
     parser.add_argument("--graph", choices=("decoder", "unet"), default="decoder")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=128, help="decode steps per pass (decoder)")
+    parser.add_argument("--genai", type=Path, metavar="DIR",
+                        help="instead: our text loop and onnxruntime-genai's (its model folder, the same decoder) "
+                             "side by side, each beside its graph alone")
+    parser.add_argument("--guidance", action="store_true",
+                        help="instead: the decoder graph alone at batch 2 (guidance's two rows) against batch 1")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.genai or args.guidance:
+        if args.genai:
+            result = versus_genai(args.bundle, args.genai, args.threads, args.steps)
+            print(report_versus(result))
+        else:
+            result = guidance_cost(args.bundle, args.threads)
+            print(f"{result['bundle']}, {args.threads} threads, the decoder graph alone at position "
+                  f"{result['position']}, {ROUNDS_VS_GENAI} interleaved rounds: batch 1 "
+                  f"{result['step_ms']['batch 1']:.3f} ms, batch 2 {result['step_ms']['batch 2']:.3f} ms: "
+                  f"guidance costs the graph {result['cost']:.2f}x")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
     if not (args.bundle / f"{args.graph}.onnx").is_file():
         parser.error(f"{args.bundle} has no {args.graph}.onnx")
     result = (profile_decoder(args.bundle, args.threads, args.steps) if args.graph == "decoder"

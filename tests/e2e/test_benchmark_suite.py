@@ -49,6 +49,17 @@ def test_side_by_side_smoke_pass(tmp_path):
     for png in ("side_by_side.png", "scaling.png"):
         assert Image.open(out / png).size[0] > 100
 
+    # Our text loop and onnxruntime-genai's on the smoke decoder, each beside its graph alone.
+    built = next((cache / "artifacts").glob("decoder-smoke-*"))
+    versus = tmp_path / "versus.json"
+    text = _run(["-m", "benchmarks.profile", str(built / "bundle-fp32"), "--genai", str(built / "genai-fp32"),
+                 "--steps", "4", "--threads", "1", "--json", str(versus)]).stdout
+    us = json.loads(versus.read_text())["us_per_token"]
+    for who in ("emu-edge", "onnxruntime-genai"):
+        assert all(us[f"{who} {part}"] > 0 for part in ("loop", "prefill", "graph alone"))
+        assert us[f"{who} step"] == (us[f"{who} loop"] * 4 - us[f"{who} prefill"]) / 3
+    assert "a later token" in text
+
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     run = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -69,6 +80,11 @@ def test_profile_breaks_a_step_down_and_measures_the_floors(tiny_bundle, tmp_pat
     assert d["step_ms"]["min"] <= d["step_ms"]["median"]
     assert 0 < d["loop_python_us"] < d["step_ms"]["median"] * 1e3
     assert d["weight_ops_alone"]["nodes"] >= 1 and d["weight_ops_alone"]["gb_per_s"] > 0
+
+    guided = tmp_path / "guidance.json"
+    _run(["-m", "benchmarks.profile", str(tiny_bundle), "--guidance", "--threads", "1", "--json", str(guided)])
+    g = json.loads(guided.read_text())
+    assert g["cost"] == g["step_ms"]["batch 2"] / g["step_ms"]["batch 1"] > 0
 
     _run(["-m", "benchmarks.profile", str(tiny_bundle), "--graph", "unet", "--threads", "1", "--json", str(unet)])
     u = json.loads(unet.read_text())
