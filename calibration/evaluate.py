@@ -34,12 +34,16 @@ def _batched(fn, items: list, size: int = BATCH) -> list:
     return [out for i in range(0, len(items), size) for out in fn(items[i:i + size])]
 
 
-def evaluate_bundle(bundle: str | Path, judge: str | Path, split: str = "test", scale: float = 1.0,
-                    guidance: float | None = None, only: list[str] | None = None, log=print) -> dict:
-    """bundle: an emu3 bundle folder; judge: the judge.onnx of the run that trained it."""
+def check_tasks(only: list[str] | None) -> None:
     unknown = sorted(set(only or ()) - set(SIZES))
     if unknown:
         raise ValueError(f"unknown eval task(s) {unknown}; choose from {', '.join(SIZES)}")
+
+
+def evaluate_bundle(bundle: str | Path, judge: str | Path, split: str = "test", scale: float = 1.0,
+                    guidance: float | None = None, only: list[str] | None = None, log=print) -> dict:
+    """bundle: an emu3 bundle folder; judge: the judge.onnx of the run that trained it."""
+    check_tasks(only)
     run = set(only or SIZES)
     if not Path(judge).is_file():
         raise FileNotFoundError(f"judge file missing: {judge}")

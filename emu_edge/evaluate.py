@@ -86,8 +86,9 @@ def _emu3(folder: Path, args, only, log, bundle: bool) -> dict:
 def evaluate_emu3(folder: str | Path, split: str = "test", scale: float = 1.0, guidance: float | None = None,
                   only: list[str] | None = None, log=print, judge: str | Path | None = None) -> dict:
     """An Emu3 folder (exported to a temporary bundle first) or an emu3 bundle, scored."""
-    from emu_edge.calibration.evaluate import evaluate_bundle
+    from emu_edge.calibration.evaluate import check_tasks, evaluate_bundle
 
+    check_tasks(only)   # before the export, which takes a while
     folder = Path(folder)
     kw = dict(split=split, scale=scale, guidance=guidance, only=only, log=log)
     if judge is not None:

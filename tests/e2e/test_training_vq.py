@@ -152,6 +152,13 @@ def test_eval_without_a_vq_folder_says_what_is_missing(tmp_path):
     assert "vq/config.json" in str(e.value) and "--resume" in str(e.value)
 
 
+def test_eval_refuses_an_unknown_task_before_exporting(tmp_path):
+    for name in ("config.json", "judge.onnx"):
+        (tmp_path / name).write_text("{}")   # export-hf would fail on it, after a while
+    with pytest.raises(SystemExit, match="cooking"):
+        main(["eval", str(tmp_path), "--family", "emu3", "--only", "vqa,cooking"])
+
+
 def test_emu2_run_is_not_resumed_as_emu3(tmp_path):
     run = tmp_path / "run"
     train_vq(get_vq_preset("tiny"), run, progress=False, judge=False, stop_after=3, log=lambda *a: None)
