@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     args.json = False
     if args.bundle is not None and args.model is not None:
         raise ValueError("--bundle runs that one bundle; --model picks among the shipped models: pass one of them")
+    if os.environ.get("EMU_EDGE_BUNDLE") and args.model is not None:
+        raise ValueError(f"EMU_EDGE_BUNDLE={os.environ['EMU_EDGE_BUNDLE']} makes the demo run that bundle; unset it "
+                         "for --model to pick among the shipped models")
     models = []  # (family, name, pipeline, timer)
     try:
         if args.bundle is not None or os.environ.get("EMU_EDGE_BUNDLE"):

@@ -63,7 +63,7 @@ def test_chat_keeps_the_conversation(tiny_bundle, tmp_path, monkeypatch, capsys)
     assert "image 1 added" in captured.err and "new conversation" in captured.err
 
 
-def test_demo_writes_images_contact_sheet_and_latency_table(tiny_bundle, emu3_bundle, tmp_path, capsys):
+def test_demo_writes_images_contact_sheet_and_latency_table(tiny_bundle, emu3_bundle, tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "--bundle", str(tiny_bundle), "--out", str(out)]) == 0
     pngs = {p.name for p in (out / "emu2").glob("*.png")}
@@ -83,5 +83,8 @@ def test_demo_writes_images_contact_sheet_and_latency_table(tiny_bundle, emu3_bu
     assert report["autoencode"] and Image.open(out3 / "emu3" / "autoencode.png").size[0] > 0
     with pytest.raises(ValueError, match="--bundle"):
         main(["demo", "--bundle", str(emu3_bundle), "--model", "emu3", "--debug"])
+    monkeypatch.setenv("EMU_EDGE_BUNDLE", str(tiny_bundle))
+    with pytest.raises(ValueError, match="unset it"):
+        main(["demo", "--model", "emu3", "--debug"])
 
 
