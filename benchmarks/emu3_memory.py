@@ -10,7 +10,8 @@ h * (w + 1) + 1 tokens (a row end per row, then the image end). Guidance adds a 
 per image (the negative prompt), as Emu3's own generation runs a second forward for it.
 Weight bytes are the bundle's: fp16 everywhere; int8/int4 as `emu-edge quantize` writes
 them (MatMulNBits, block 32, one float32 scale per block; the output head at 8 bits under
-int4; the token table left float32). The VQ decoder and activations come on top; `emu-edge
+int4; the token table float32 under int8 and, under int4, 4-bit GatherBlockQuantized with a
+float32 scale and a 4-bit zero point per block). The VQ decoder and activations come on top; `emu-edge
 bench` on a bundle measures the whole process (peak RSS per image size).
 """
 
@@ -49,7 +50,8 @@ def weight_bytes(s: dict, precision: str) -> int:
     if precision == "int8":
         return int(4 * s["table"] + nbits(8, s["lm_head"] + s["blocks"]))
     if precision == "int4":
-        return int(4 * s["table"] + nbits(8, s["lm_head"]) + nbits(4, s["blocks"]))
+        table = s["table"] * (4 / 8 + (SCALE_BYTES + 4 / 8) / BLOCK)   # codes, scale, zero point
+        return int(table + nbits(8, s["lm_head"]) + nbits(4, s["blocks"]))
     raise ValueError(precision)
 
 

@@ -6,13 +6,15 @@ Precision is per graph (DESIGN.md), and each graph gets the method that pays on 
     vq_decoder             the op types in STATIC_INT8_OPS, activation ranges from a
                            calibration folder (emu-edge calibrate), per-channel weights
     decoder                int8 / int4: weight-only, MatMul -> com.microsoft.MatMulNBits with
-                           a block size (no calibration); the KV inputs and outputs, their
-                           in-place binding and the graph's I/O are untouched
+                           a block size (no calibration), at int4 the token table's Gather
+                           -> com.microsoft.GatherBlockQuantized (4-bit); the KV
+                           inputs and outputs, their in-place binding and the graph's I/O
+                           are untouched
     every graph            fp16: float16 weights and compute, float32 I/O except the
                            decoder's KV buffers, which become float16 (the manifest says so)
 
 `--precision P` sets every graph to P where the graph has P and it pays (int4 -> int8
-for graphs without 4-bit kernels; the embedding table, the vision encoder whose INT8
+for graphs without 4-bit kernels; the vision encoder whose INT8
 measured no faster and Emu3's VQ graphs (NOT_INT8_BY_DEFAULT) stay fp32 under int8/int4),
 `--graph name=P,...` sets single graphs.
 The judge is never quantized: it is the yardstick. Graphs left in their precision are
@@ -286,7 +288,80 @@ def weight_only(model: onnx.ModelProto, bits: int, settings: QuantizeSettings, e
         # The second pass gives the heads 8 bits; every other MatMul left is one kept float.
         others = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in heads]
         out = run(out, 8, others)
-    return _fix_versions(out, model)
+    out = _fix_versions(out, model)
+    # At 8 bits the table stays float: an 8-bit one needs onnxruntime 1.23 (the `bits`
+    # attribute) and cost the shipped Emu3-style model's int8 its image-token target.
+    return quantize_token_table(out, settings.block_size, exclude) if bits == 4 else out
+
+
+TABLE_ROWS_PER_CHUNK = 8192   # rows quantized at a time: an 8B Emu3's table is 3 GB in float32
+
+
+def _pack4(values: np.ndarray) -> bytes:
+    """4-bit values, flattened, two per byte, low nibble first (ONNX's UINT4 layout)."""
+    flat = values.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def block_quantize(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric block-wise quantization along the rows of a [rows, width] table:
+    (codes uint8 [rows, width], scales float32 [rows, width / block_size], zero points uint8
+    [rows, width / block_size]), row r's values being (codes - zero point) * scale."""
+    levels = 2 ** bits - 1
+    rows, width = table.shape
+    codes = np.empty((rows, width), np.uint8)
+    scales = np.empty((rows, width // block_size), np.float32)
+    zeros = np.empty((rows, width // block_size), np.uint8)
+    for lo in range(0, rows, TABLE_ROWS_PER_CHUNK):
+        blocks = table[lo:lo + TABLE_ROWS_PER_CHUNK].astype(np.float32).reshape(-1, width // block_size, block_size)
+        # The range holds 0, so that the zero point is a code.
+        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scale = (high - low) / levels
+        scale[scale == 0] = 1.0
+        zero = np.clip(np.round(-low / scale), 0, levels)
+        q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, levels)
+        codes[lo:lo + len(blocks)] = q.reshape(len(blocks), width)
+        scales[lo:lo + len(blocks)], zeros[lo:lo + len(blocks)] = scale, zero
+    return codes, scales, zeros
+
+
+def quantize_token_table(model: onnx.ModelProto, block_size: int, exclude: list[str]) -> onnx.ModelProto:
+    """A Gather from a float [rows, width] constant read by nothing else (the decoder's
+    token table) -> com.microsoft.GatherBlockQuantized: 4-bit UINT4 codes (IR 10), a float32
+    scale and a zero point per `block_size` values of a row. A text step dequantizes its
+    own row; the table is as big as an output head (3 GB of an 8B Emu3's int4 weights in
+    float32) and shrinks 6.2x at block 32."""
+    from collections import Counter
+
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers = Counter(name for node in model.graph.node for name in node.input)
+    for i, node in enumerate(model.graph.node):
+        table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (table is None or node.name in exclude or readers[table.name] != 1 or axis != 0
+                or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2 or table.dims[1] % block_size):
+            continue
+        codes, scales, zeros = block_quantize(numpy_helper.to_array(table), 4, block_size)
+        name = table.name
+        tensors = [onnx.helper.make_tensor(f"{name}_q4", onnx.TensorProto.UINT4, codes.shape, _pack4(codes), raw=True),
+                   numpy_helper.from_array(scales, f"{name}_scales"),
+                   onnx.helper.make_tensor(f"{name}_zero_points", onnx.TensorProto.UINT4, zeros.shape, _pack4(zeros),
+                                           raw=True)]
+        model.graph.initializer.remove(table)
+        model.graph.initializer.extend(tensors)
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, onnx.helper.make_node(
+            "GatherBlockQuantized", [tensors[0].name, node.input[1], tensors[1].name, tensors[2].name],
+            list(node.output), name=f"{node.name}_Q4", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+            block_size=block_size))
+        model.ir_version = max(model.ir_version, 10)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
 
 
 class _Reader:
@@ -387,8 +462,8 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
 
 def input_projections(model: onnx.ModelProto) -> list[str]:
     """MatMuls that read a graph input directly: the decoder's project_up of Emu2's visual
-    embeddings. They stay float, as the token table beside them does: they run on image
-    positions only (nothing per text token), and their error would enter every one."""
+    embeddings. They stay float: they run on image positions only (nothing per text
+    token), and their error would enter every one."""
     inputs = {i.name for i in model.graph.input}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[0] in inputs]
 
@@ -411,7 +486,9 @@ def _describe(name: str, precision: str, settings: QuantizeSettings) -> str:
         return "fp16 (float16 weights and compute)"
     if name in WEIGHT_ONLY_GRAPHS:
         return (f"weight-only {precision} MatMulNBits, block {settings.block_size}, "
-                f"{'symmetric' if settings.symmetric else 'asymmetric'}, accuracy_level {settings.accuracy_level}")
+                f"{'symmetric' if settings.symmetric else 'asymmetric'}, accuracy_level {settings.accuracy_level}"
+                + (f"; token table 4-bit GatherBlockQuantized, asymmetric, block {settings.block_size}"
+                   if precision == "int4" else "; token table float32"))
     ops = ",".join(settings.static_ops(name))
     return (f"static int8 QDQ on {ops}, {settings.method} calibration, per-channel weights, "
             + ("symmetric s8 (TensorRT)" if settings.tensorrt else "u8 activations"))

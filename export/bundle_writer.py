@@ -51,6 +51,8 @@ MIN_ONNXRUNTIME_FOR_OPS = {
     # Residual add + RMSNorm ("gqa" decoders), float32: 1.20.0 runs it and matches 1.31
     # (checked); float16 below.
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): "1.20",
+    # 4-bit token tables (UINT4 codes and zero points): 1.20.1 runs them (checked).
+    ("com.microsoft", "GatherBlockQuantized"): "1.20.1",
 }
 # Kernels that came later than their operator, for some of its attributes or types:
 # (domain, op) -> (does this node need it, version).

@@ -13,6 +13,7 @@ import pytest
 from emu_edge.calibration.quantize import QuantizeError, QuantizeSettings, plan, quantize_bundle
 from emu_edge.calibration.report import ReportSettings, _agreement, build_report, format_table, write_report
 from emu_edge.cli import main
+from emu_edge.runtime.backends import import_onnxruntime
 from emu_edge.runtime.bundle import Bundle
 from emu_edge.runtime.pipeline import Pipeline
 
@@ -65,6 +66,8 @@ def test_int8_bundle(tiny_bundle, calib, tmp_path):
     decoder = onnx.load(str(q.graph_path("decoder")))
     nbits = [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all(onnx.helper.get_attribute_value(a) == 8 for n in nbits for a in n.attribute if a.name == "bits")
+    # The token table stays float at int8.
+    assert not [n for n in decoder.graph.node if n.op_type == "GatherBlockQuantized"]
     assert graphs["decoder"].min_onnxruntime == "1.22"
     # Static QDQ only where it pays: the U-Net's INT8 weights all feed Convs, and its last
     # Conv, which writes the noise prediction, stays float.
@@ -83,6 +86,33 @@ def test_int8_bundle(tiny_bundle, calib, tmp_path):
     assert pipe.generate_image(["a red circle"], steps=2).size == (16, 16)
 
 
+def _check_table(decoder: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """The token table's Gather is a 4-bit GatherBlockQuantized, its float table gone, and
+    it gives every row of the source's table back within half a quantization step."""
+    from onnx import numpy_helper
+
+    from emu_edge.calibration.quantize import block_quantize
+
+    gather = next(n for n in source.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    table = numpy_helper.to_array(next(t for t in source.graph.initializer if t.name == gather.input[0]))
+    [node] = [n for n in decoder.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert node.input[1] == "input_ids" and gather.input[0] not in {t.name for t in decoder.graph.initializer}
+    kept = {t.name: t for t in decoder.graph.initializer}
+    assert kept[node.input[0]].data_type == onnx.TensorProto.UINT4
+    # The graph's own rows (onnxruntime dequantizing), against the table, on fresh ids.
+    graph = onnx.helper.make_graph([node], "table", [onnx.helper.make_tensor_value_info("input_ids", 7, [None])],
+                                   [onnx.helper.make_tensor_value_info(node.output[0], 1, None)],
+                                   [kept[name] for name in node.input if name in kept])
+    model = onnx.helper.make_model(graph, opset_imports=list(decoder.opset_import))
+    model.ir_version = decoder.ir_version
+    ids = np.random.default_rng().integers(0, table.shape[0], 16)
+    rows = import_onnxruntime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids})[0]
+    _, scales, _ = block_quantize(table, 4, 32)
+    step = np.repeat(scales[ids], 32, axis=1)
+    assert np.all(np.abs(rows - table[ids]) <= step / 2 + 1e-6) and np.abs(rows - table[ids]).max() > 0
+
+
 def test_int4_decoder_keeps_the_kv_contract(int4, tiny_bundle):
     """MatMulNBits replaces weights only: the KV buffers bound in place still work, batched
     rows still match single ones, and every cached step stays close to FP32's logits."""
@@ -92,9 +122,10 @@ def test_int4_decoder_keeps_the_kv_contract(int4, tiny_bundle):
     bits = {n.name: a.i for n in decoder.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name == "bits"}
     assert len(bits) == 4 * 2 + 2   # qkv, o, gate|up, down x 2 layers; heads
-    # project_up (visual embeddings in) stays float, as the token table beside it.
+    # project_up (visual embeddings in) stays float; the token table is 4-bit.
     assert [n.name for n in decoder.graph.node if n.op_type == "MatMul"] == ["project_up/MatMul"]
     assert {n for n, b in bits.items() if b == 8} == {"lm_head/MatMul_Q8", "project_down/MatMul_Q8"}
+    _check_table(decoder, onnx.load(str(Bundle.open(tiny_bundle).graph_path("decoder"))))
     assert Bundle.open(path).manifest.graphs["decoder"].min_onnxruntime == "1.22"
     assert _io(decoder) == _io(onnx.load(str(Bundle.open(tiny_bundle).graph_path("decoder"))))
     pipe, fp32 = Pipeline.load(path, threads=1), Pipeline.load(tiny_bundle, threads=1)
