@@ -11,8 +11,8 @@ per image (the negative prompt), as Emu3's own generation runs a second forward 
 Weight bytes are the bundle's: fp16 everywhere; int8/int4 as `emu-edge quantize` writes
 them (MatMulNBits, block 32, one float32 scale per block; the output head at 8 bits under
 int4; the token table float32 under int8 and, under int4, 4-bit GatherBlockQuantized with a
-float32 scale and a 4-bit zero point per block). The VQ decoder and activations come on top; `emu-edge
-bench` on a bundle measures the whole process (peak RSS per image size).
+float32 scale and a 4-bit zero point per block). The VQ decoder and activations come on
+top; `emu-edge bench` on a bundle measures the whole process (peak RSS per image size).
 """
 
 from __future__ import annotations

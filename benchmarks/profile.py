@@ -297,6 +297,13 @@ def report_versus(result: dict) -> str:
     return "\n".join(lines)
 
 
+def report_guidance(result: dict) -> str:
+    ms = result["step_ms"]
+    return (f"{result['bundle']}, {result['threads']} threads, the decoder graph alone at position "
+            f"{result['position']}, {ROUNDS_VS_GENAI} interleaved rounds: batch 1 {ms['batch 1']:.3f} ms, "
+            f"batch 2 {ms['batch 2']:.3f} ms: guidance costs the graph {result['cost']:.2f}x")
+
+
 def profile_unet(bundle: Path, threads: int, runs: int = 10) -> dict:
     sess = _session(bundle / "unet.onnx", threads)
     rng = np.random.default_rng(0)
@@ -379,10 +386,7 @@ def main(argv=None) -> None:
             print(report_versus(result))
         else:
             result = guidance_cost(args.bundle, args.threads)
-            print(f"{result['bundle']}, {args.threads} threads, the decoder graph alone at position "
-                  f"{result['position']}, {ROUNDS_VS_GENAI} interleaved rounds: batch 1 "
-                  f"{result['step_ms']['batch 1']:.3f} ms, batch 2 {result['step_ms']['batch 2']:.3f} ms: "
-                  f"guidance costs the graph {result['cost']:.2f}x")
+            print(report_guidance(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
         return

@@ -35,11 +35,13 @@ import copy
 import logging
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from emu_edge.calibration import sensitivity
 from emu_edge.calibration.calibrate import Calibration
@@ -333,10 +335,6 @@ def quantize_token_table(model: onnx.ModelProto, block_size: int, exclude: list[
     scale and a zero point per `block_size` values of a row. A text step dequantizes its
     own row; the table is as big as an output head (3 GB of an 8B Emu3's int4 weights in
     float32) and shrinks 6.2x at block 32."""
-    from collections import Counter
-
-    from onnx import numpy_helper
-
     initializers = {t.name: t for t in model.graph.initializer}
     readers = Counter(name for node in model.graph.node for name in node.input)
     for i, node in enumerate(model.graph.node):
